@@ -1,0 +1,453 @@
+"""Bring an ONNX model into the canonical form the rest of onnxprune expects.
+
+:func:`canonicalize` works on a copy (the input model is never mutated) and applies
+these rules, in this order, to the top-level graph:
+
+a. Initializers that are also listed in ``graph.input`` (the IR < 4 convention,
+   or overridable defaults in IR >= 4) are removed from ``graph.input`` so that
+   every weight is a constant; an IR version below 4 is raised to 4 (the checker
+   requires that once initializers are no longer inputs).
+b. ``Constant`` nodes become initializers (every attribute kind: ``value``,
+   ``sparse_value``, ``value_float(s)``, ``value_int(s)``, ``value_string(s)``), and
+   ``ConstantOfShape`` nodes whose shape is a constant become initializers (the
+   onnx "light" zoo models fill their weights that way). A node whose output is a
+   graph output is kept, so graph output names never change.
+c. ``Identity`` nodes are removed and their consumers rewired to the Identity's
+   input. When the Identity's output is a graph output, the producer of its input
+   is renamed instead, so the graph output keeps its name; an Identity that copies
+   a graph input or initializer to a graph output, or one output to another, stays.
+d. Constant folding of every node whose inputs are all constants, with
+   onnx-graphsurgeon ``fold_constants()`` then ``cleanup()`` (dead nodes and unused
+   initializers go). No operator fusion of any kind happens: BatchNormalization on
+   activations stays, Conv+BN are not merged, graph inputs and outputs keep their
+   names and what the model computes does not change.
+e. Every node gets a unique, non-empty name; unnamed or duplicate-named nodes are
+   named ``<op>_<index>`` (index = position in the graph, suffixed when taken).
+f. Nodes are sorted topologically (stable: the original order is kept where the
+   data flow allows) and ONNX shape inference (``strict_mode=False``, data
+   propagation on) fills ``value_info`` where possible; symbolic dims stay symbolic.
+   Shape inference filling ``value_info`` is not reported as a change; if it fails
+   (e.g. a model above 2 GB) the model is returned without it and the reason is in
+   :attr:`CanonicalResult.warnings`.
+
+Nested subgraphs (If/Loop/Scan bodies) and functions are left as they are, except
+that references to renamed outer-scope tensors are updated.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+__all__ = ["CanonicalResult", "canonicalize"]
+
+# ConstantOfShape outputs with more elements than this are left as nodes (memory guard).
+_MAX_MATERIALIZED_ELEMENTS = 1 << 28
+
+
+@dataclass(frozen=True)
+class CanonicalResult:
+    """Outcome of :func:`canonicalize`.
+
+    Attributes:
+        model: the canonical model (a new object; the input is untouched).
+        changes: human-readable description of each change made, in rule order.
+        warnings: things that could not be done (e.g. shape inference failed); they
+            do not count as changes.
+    """
+
+    model: onnx.ModelProto
+    changes: tuple[str, ...]
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        """True when at least one rule changed the model."""
+        return bool(self.changes)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def _local_names(graph: onnx.GraphProto) -> set[str]:
+    names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        names.update(node.output)
+    return names
+
+
+def _outer_refs(graph: onnx.GraphProto) -> set[str]:
+    """Names a subgraph reads that it does not define itself (outer-scope reads)."""
+    local = _local_names(graph)
+    refs: set[str] = set()
+    for node in graph.node:
+        refs.update(n for n in node.input if n and n not in local)
+        for sub in _subgraphs(node):
+            refs.update(n for n in _outer_refs(sub) if n not in local)
+    refs.update(o.name for o in graph.output if o.name not in local)
+    return refs
+
+
+def _node_reads(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name a node reads, including outer-scope reads of its subgraphs."""
+    reads = {n for n in node.input if n}
+    for sub in _subgraphs(node):
+        reads |= _outer_refs(sub)
+    return reads
+
+
+def _rename_in_subgraph(graph: onnx.GraphProto, old: str, new: str) -> None:
+    if old in _local_names(graph):  # shadowed: inner scope defines its own `old`
+        return
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+        for sub in _subgraphs(node):
+            _rename_in_subgraph(sub, old, new)
+    for out in graph.output:
+        if out.name == old:
+            out.name = new
+
+
+def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Make every reader of tensor ``old`` in ``graph`` (and its subgraphs) read ``new``."""
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+        for sub in _subgraphs(node):
+            _rename_in_subgraph(sub, old, new)
+
+
+def _used_names(graph: onnx.GraphProto) -> set[str]:
+    used = {o.name for o in graph.output}
+    for node in graph.node:
+        used |= _node_reads(node)
+    return used
+
+
+# --------------------------------------------------------------------------- rule a
+
+
+def _drop_initializer_inputs(model: onnx.ModelProto) -> list[str]:
+    graph = model.graph
+    inits = {t.name for t in graph.initializer}
+    keep = [i for i in graph.input if i.name not in inits]
+    dropped = len(graph.input) - len(keep)
+    if not dropped:
+        return []
+    del graph.input[:]
+    graph.input.extend(keep)
+    changes = [f"removed {dropped} initializer(s) duplicated in graph.input"]
+    if model.ir_version < 4:
+        changes.append(f"raised IR version {model.ir_version} -> 4 (initializers are no longer graph inputs)")
+        model.ir_version = 4
+    return changes
+
+
+# --------------------------------------------------------------------------- rule b
+
+
+def _sparse_to_dense(sp: onnx.SparseTensorProto) -> np.ndarray:
+    values = numpy_helper.to_array(sp.values)
+    dims = tuple(int(d) for d in sp.dims)
+    dense = np.zeros(dims, dtype=values.dtype)
+    indices = numpy_helper.to_array(sp.indices).astype(np.int64)
+    if indices.ndim == 1:
+        dense.reshape(-1)[indices] = values
+    else:
+        dense[tuple(indices.T)] = values
+    return dense
+
+
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """TensorProto held by a Constant node (named as its output), or None if unknown."""
+    if len(node.attribute) != 1:
+        return None
+    attr = node.attribute[0]
+    name = node.output[0]
+    if attr.name == "value":
+        t = onnx.TensorProto()
+        t.CopyFrom(attr.t)
+        t.name = name
+        return t
+    if attr.name == "sparse_value":
+        return numpy_helper.from_array(_sparse_to_dense(attr.sparse_tensor), name)
+    if attr.name == "value_float":
+        return numpy_helper.from_array(np.array(attr.f, dtype=np.float32), name)
+    if attr.name == "value_floats":
+        return numpy_helper.from_array(np.array(list(attr.floats), dtype=np.float32), name)
+    if attr.name == "value_int":
+        return numpy_helper.from_array(np.array(attr.i, dtype=np.int64), name)
+    if attr.name == "value_ints":
+        return numpy_helper.from_array(np.array(list(attr.ints), dtype=np.int64), name)
+    if attr.name == "value_string":
+        return helper.make_tensor(name, onnx.TensorProto.STRING, [], [attr.s])
+    if attr.name == "value_strings":
+        return helper.make_tensor(name, onnx.TensorProto.STRING, [len(attr.strings)], list(attr.strings))
+    return None
+
+
+def _constant_of_shape_tensor(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> onnx.TensorProto | None:
+    if not node.input or node.input[0] not in inits:
+        return None
+    shape = numpy_helper.to_array(inits[node.input[0]]).astype(np.int64).reshape(-1)
+    if (shape < 0).any() or int(np.prod(shape, dtype=np.int64)) > _MAX_MATERIALIZED_ELEMENTS:
+        return None
+    fill = np.zeros(1, dtype=np.float32)
+    for attr in node.attribute:
+        if attr.name == "value":
+            fill = numpy_helper.to_array(attr.t).reshape(-1)
+    if fill.size != 1:
+        return None
+    arr = np.full(tuple(int(d) for d in shape), fill[0], dtype=fill.dtype)
+    return numpy_helper.from_array(arr, node.output[0])
+
+
+def _constants_to_initializers(model: onnx.ModelProto) -> list[str]:
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    inits = {t.name: t for t in graph.initializer}
+    counts = {"Constant": 0, "ConstantOfShape": 0}
+    kept: list[onnx.NodeProto] = []
+    for node in graph.node:
+        tensor = None
+        if node.domain in ("", "ai.onnx") and len(node.output) == 1 and node.output[0] not in outputs:
+            if node.op_type == "Constant":
+                tensor = _constant_tensor(node)
+            elif node.op_type == "ConstantOfShape":
+                tensor = _constant_of_shape_tensor(node, inits)
+        if tensor is None:
+            kept.append(node)
+            continue
+        graph.initializer.append(tensor)
+        inits[tensor.name] = graph.initializer[-1]
+        counts[node.op_type] += 1
+    if not any(counts.values()):
+        return []
+    del graph.node[:]
+    graph.node.extend(kept)
+    return [f"turned {n} {op} node(s) into initializers" for op, n in counts.items() if n]
+
+
+# --------------------------------------------------------------------------- rule c
+
+
+def _remove_identities(model: onnx.ModelProto) -> list[str]:
+    graph = model.graph
+    removed = 0
+    changed = True
+    while changed:  # one Identity at a time keeps the bookkeeping simple and exact
+        changed = False
+        outputs = [o.name for o in graph.output]
+        consts = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+        for idx, node in enumerate(graph.node):
+            if node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
+                continue
+            if len(node.input) != 1 or len(node.output) != 1:
+                continue
+            src, dst = node.input[0], node.output[0]
+            if dst in outputs:
+                if src in consts or src in outputs:
+                    continue  # must stay: renaming would change a graph input/output
+                producer = next((n for n in graph.node if src in n.output), None)
+                if producer is None:
+                    continue
+                producer.output[list(producer.output).index(src)] = dst
+                del graph.node[idx]
+                _rename_uses(graph, src, dst)
+            else:
+                del graph.node[idx]
+                _rename_uses(graph, dst, src)
+            removed += 1
+            changed = True
+            break
+    return [f"removed {removed} Identity node(s)"] if removed else []
+
+
+# --------------------------------------------------------------------------- rule d
+
+
+def _fold_constants(model: onnx.ModelProto) -> list[str]:
+    import onnx_graphsurgeon as gs
+
+    before = len(model.graph.node)
+    in_names = [i.name for i in model.graph.input]
+    out_names = [o.name for o in model.graph.output]
+    logger = gs.logger.G_LOGGER
+    old_severity = logger.severity
+    logger.severity = logger.ERROR
+    try:
+        graph = gs.import_onnx(model)
+        graph.fold_constants(fold_shapes=True, recurse_subgraphs=True, error_ok=True, recurse_functions=False)
+        graph.cleanup(remove_unused_graph_inputs=False, recurse_functions=False)
+        folded = gs.export_onnx(graph, do_type_check=False)
+    except Exception as exc:  # graphsurgeon failing must not block the pipeline
+        return [f"__warning__constant folding skipped ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"]
+    finally:
+        logger.severity = old_severity
+    if [i.name for i in folded.graph.input] != in_names or [o.name for o in folded.graph.output] != out_names:
+        return ["__warning__constant folding skipped (it would rename graph inputs or outputs)"]
+    after = len(folded.graph.node)
+    if after >= before:
+        return []
+    # Keep inputs/outputs exactly as declared (graphsurgeon may rewrite their shapes).
+    new_graph = folded.graph
+    del new_graph.input[:]
+    new_graph.input.extend(model.graph.input)
+    del new_graph.output[:]
+    new_graph.output.extend(model.graph.output)
+    model.graph.CopyFrom(new_graph)
+    return [f"folded constants: {before} -> {after} nodes"]
+
+
+# --------------------------------------------------------------------------- rule e
+
+
+def _name_nodes(model: onnx.ModelProto) -> list[str]:
+    graph = model.graph
+    seen: set[str] = set()
+    renamed = 0
+    pending: list[tuple[int, onnx.NodeProto]] = []
+    for idx, node in enumerate(graph.node):
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+        else:
+            pending.append((idx, node))
+    taken = seen | {n.name for n in graph.node if n.name}
+    for idx, node in pending:
+        base = f"{node.op_type}_{idx}"
+        name, k = base, 1
+        while name in taken:
+            name = f"{base}_{k}"
+            k += 1
+        node.name = name
+        taken.add(name)
+        renamed += 1
+    return [f"named {renamed} unnamed or duplicate-named node(s)"] if renamed else []
+
+
+# --------------------------------------------------------------------------- rule f
+
+
+def _toposort(model: onnx.ModelProto) -> list[str]:
+    graph = model.graph
+    nodes = list(graph.node)
+    producer: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for out in node.output:
+            if out:
+                producer[out] = i
+    deps = [{producer[n] for n in _node_reads(node) if n in producer and producer[n] != i} for i, node in enumerate(nodes)]
+    users: list[list[int]] = [[] for _ in nodes]
+    indeg = [len(d) for d in deps]
+    for i, d in enumerate(deps):
+        for j in d:
+            users[j].append(i)
+    ready = [i for i, k in enumerate(indeg) if k == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            indeg[u] -= 1
+            if indeg[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) < len(nodes):  # cycle: keep the rest in the original order
+        placed = set(order)
+        order.extend(i for i in range(len(nodes)) if i not in placed)
+    if order == list(range(len(nodes))):
+        return []
+    new_nodes = []
+    for i in order:
+        c = onnx.NodeProto()
+        c.CopyFrom(nodes[i])
+        new_nodes.append(c)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    return ["sorted nodes topologically"]
+
+
+def _prune_value_info(model: onnx.ModelProto) -> None:
+    graph = model.graph
+    produced = {o for n in graph.node for o in n.output if o}
+    keep = [v for v in graph.value_info if v.name in produced]
+    if len(keep) != len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(keep)
+
+
+def _infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as exc:  # inference is a convenience: never fatal
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return model, [f"shape inference failed: {first}"]
+    return inferred, []
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> list[str]:
+    graph = model.graph
+    used = _used_names(graph)
+    keep = [t for t in graph.initializer if t.name in used]
+    dropped = len(graph.initializer) - len(keep)
+    if not dropped:
+        return []
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return [f"removed {dropped} unused initializer(s)"]
+
+
+# --------------------------------------------------------------------------- public
+
+
+def canonicalize(model: onnx.ModelProto, *, fold: bool = True) -> CanonicalResult:
+    """Return a canonical copy of ``model`` and the list of changes made.
+
+    See the module docstring for the rules (a to f) and their order. The input
+    model is never mutated.
+
+    Args:
+        model: any loaded ONNX model (see :func:`onnxprune.io.load_model`).
+        fold: run rule d (constant folding with onnx-graphsurgeon); on by default.
+
+    Returns:
+        :class:`CanonicalResult` with the new model, the human-readable changes
+        (empty when the model was already canonical) and any warnings.
+    """
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    changes: list[str] = []
+    warnings: list[str] = []
+
+    changes += _drop_initializer_inputs(work)
+    changes += _constants_to_initializers(work)
+    changes += _remove_identities(work)
+    if fold:
+        for item in _fold_constants(work):
+            if item.startswith("__warning__"):
+                warnings.append(item[len("__warning__"):])
+            else:
+                changes.append(item)
+    changes += _drop_unused_initializers(work)
+    changes += _name_nodes(work)
+    changes += _toposort(work)
+    _prune_value_info(work)
+    work, infer_warnings = _infer_shapes(work)
+    warnings += infer_warnings
+    return CanonicalResult(model=work, changes=tuple(changes), warnings=tuple(warnings))

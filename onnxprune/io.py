@@ -1,0 +1,208 @@
+"""Reading and writing ONNX models with clear, one-line errors.
+
+Rules this module follows:
+
+* :func:`load_model` never lets a protobuf or onnx traceback escape for bad user
+  input: a missing file, a directory, bytes that are not ONNX, a truncated
+  file or missing external data all raise :class:`~onnxprune.errors.ModelLoadError`
+  naming the file.  External data is loaded relative to the model's folder.
+* Only models whose default-domain (``""`` / ``"ai.onnx"``) opset lies between
+  :data:`MIN_OPSET` and :data:`MAX_OPSET` inclusive are accepted; anything else
+  raises :class:`~onnxprune.errors.UnsupportedModelError`.
+* :func:`save_model` writes atomically (temporary file in the destination folder,
+  then :func:`os.replace`), never overwrites the input model and never leaves a
+  temporary file behind when it fails.  Models above :data:`EXTERNAL_DATA_THRESHOLD`
+  bytes are written with their tensors in ``<name>.data`` beside the model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from onnxprune.errors import ModelLoadError, OutputPathError, UnsupportedModelError
+
+__all__ = [
+    "MIN_OPSET",
+    "MAX_OPSET",
+    "EXTERNAL_DATA_THRESHOLD",
+    "load_model",
+    "save_model",
+    "default_output_path",
+    "default_opset",
+]
+
+#: Lowest supported opset of the default ONNX domain.
+MIN_OPSET = 9
+#: Highest supported opset of the default ONNX domain.
+MAX_OPSET = 21
+#: Serialized size in bytes above which :func:`save_model` writes external data (1.8 GB).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    """Return the opset version imported for the default ONNX domain, or None if absent."""
+    for imp in model.opset_import:
+        if imp.domain in _DEFAULT_DOMAINS:
+            return int(imp.version)
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0].strip() if text else ""
+    return first or type(exc).__name__
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX model file, with its external data, and check it is supported.
+
+    Args:
+        path: path of a ``.onnx`` file. External data files are resolved relative
+            to the folder that holds it.
+
+    Returns:
+        The loaded :class:`onnx.ModelProto` with all tensor data in memory.
+
+    Raises:
+        ModelLoadError: the file is missing, is a directory, cannot be read, is not
+            an ONNX model, is truncated/corrupt, or its external data is missing.
+        UnsupportedModelError: the default-domain opset is missing or outside
+            ``MIN_OPSET..MAX_OPSET`` (9 to 21), or the graph has no input or no output.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"{p}: no such file")
+    if p.is_dir():
+        raise ModelLoadError(f"{p}: is a directory, not an ONNX file")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"{p}: cannot be read ({exc.strerror or _one_line(exc)})") from exc
+    if not data:
+        raise ModelLoadError(f"{p}: file is empty, not an ONNX model")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise ModelLoadError(f"{p}: not an ONNX model or the file is corrupt/truncated ({_one_line(exc)})") from exc
+    # Protobuf parsing is lenient: random bytes sometimes parse into a nearly empty message.
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
+        raise ModelLoadError(f"{p}: not an ONNX model (no IR version, graph or opset import)")
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+    except FileNotFoundError as exc:
+        missing = exc.filename or _one_line(exc)
+        raise ModelLoadError(f"{p}: external data file {missing} is missing") from exc
+    except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
+        raise ModelLoadError(f"{p}: cannot load external data ({_one_line(exc)})") from exc
+
+    opset = default_opset(model)
+    if opset is None:
+        raise UnsupportedModelError(f"{p}: the model imports no opset of the default ONNX domain")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UnsupportedModelError(
+            f"{p}: opset {opset} of the default domain is not supported ({MIN_OPSET} to {MAX_OPSET})"
+        )
+    init_names = {t.name for t in model.graph.initializer}
+    if not [i for i in model.graph.input if i.name not in init_names]:
+        raise UnsupportedModelError(f"{p}: the graph has no input")
+    if not model.graph.output:
+        raise UnsupportedModelError(f"{p}: the graph has no output")
+    return model
+
+
+def default_output_path(input_path: str | os.PathLike) -> Path:
+    """Return ``<stem>.pruned.onnx`` in the folder of ``input_path``.
+
+    Example: ``models/resnet.onnx`` -> ``models/resnet.pruned.onnx``.
+    """
+    p = Path(input_path)
+    return p.with_name(f"{p.stem}.pruned.onnx")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    input_path: str | os.PathLike | None = None,
+) -> Path:
+    """Write ``model`` to ``path`` atomically and return the resolved path.
+
+    The model is serialized to a temporary file in the destination folder and then
+    moved over ``path`` with :func:`os.replace`, so readers never see a half-written
+    file. When the serialized model exceeds :data:`EXTERNAL_DATA_THRESHOLD` bytes
+    (1.8 GB), its tensors go to ``<file name>.data`` beside it. ``model`` itself is
+    not modified.
+
+    Args:
+        model: the model to write.
+        path: destination ``.onnx`` path; its folder must exist.
+        input_path: the model the user gave as input; writing over it is refused.
+
+    Returns:
+        The absolute path written.
+
+    Raises:
+        OutputPathError: ``path`` is the same file as ``input_path``, is a directory,
+            its folder does not exist, or it cannot be written.
+    """
+    out = Path(path).expanduser()
+    if input_path is not None and _same_file(out, Path(input_path).expanduser()):
+        raise OutputPathError(f"{out}: output path is the input model; refusing to overwrite it")
+    if out.is_dir():
+        raise OutputPathError(f"{out}: output path is a directory")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputPathError(f"{out}: folder {folder} does not exist")
+    out = folder.resolve() / out.name
+
+    try:
+        size = model.ByteSize()
+    except Exception:  # pragma: no cover - ByteSize is reliable for valid messages
+        size = EXTERNAL_DATA_THRESHOLD + 1
+    tmp_dir: str | None = None
+    try:
+        tmp_dir = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
+        tmp_model = Path(tmp_dir) / out.name
+        if size > EXTERNAL_DATA_THRESHOLD:
+            data_name = f"{out.name}.data"
+            big = onnx.ModelProto()
+            big.CopyFrom(model)
+            onnx.external_data_helper.convert_model_to_external_data(
+                big, all_tensors_to_one_file=True, location=data_name, size_threshold=1024
+            )
+            onnx.save_model(big, str(tmp_model))
+            tmp_data = Path(tmp_dir) / data_name
+            if tmp_data.exists():
+                os.replace(tmp_data, folder / data_name)
+        else:
+            with open(tmp_model, "wb") as fh:
+                fh.write(model.SerializeToString())
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp_model, out)
+    except OSError as exc:
+        raise OutputPathError(f"{out}: cannot write ({exc.strerror or _one_line(exc)})") from exc
+    except ValueError as exc:
+        raise OutputPathError(f"{out}: cannot serialize the model ({_one_line(exc)})") from exc
+    finally:
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    return out

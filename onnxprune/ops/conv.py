@@ -1,0 +1,118 @@
+"""Conv and ConvTranspose: the ops that create channels and read them.
+
+Channel rules (ONNX Conv, all opsets; ConvTranspose likewise with W transposed):
+- ``group == 1``: the output's channels are new (an allocation); W[o] is the producer
+  filter of output channel o, W[:, i] the consumer slice of input channel i.
+- depthwise (``group == C_in == C_out``): output channel c *is* input channel c (their
+  elements are united); W[c] and B[c] belong to that channel.
+- grouped (``1 < group``, otherwise): new output channels, pruned in ``group`` equal
+  blocks; the input channels must also be pruned in ``group`` equal blocks, block b of
+  the input read only by block b of the filters.
+MACs: N * H_out * W_out * k_h * k_w * (C_in / group) * C_out for Conv;
+N * H_in * W_in * k_h * k_w * C_in * C_out / group for ConvTranspose.
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx_graphsurgeon as gs
+
+from onnxprune.analysis.context import AnalysisContext, Role
+from onnxprune.ops.registry import OpHandler, register
+from onnxprune.surgery.context import SurgeryContext
+
+
+def _kernel_area(w: np.ndarray) -> int:
+    return int(math.prod(w.shape[2:])) if w.ndim > 2 else 1
+
+
+@register("Conv")
+class ConvHandler(OpHandler):
+    reduces_channels = True
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        x, w = node.inputs[0], node.inputs[1]
+        b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        y = node.outputs[0]
+        wv = ctx.const(w)
+        yshape = ctx.shape(y)
+        if wv is None or yshape is None or (b is not None and ctx.const(b) is None):
+            why = f"Conv {node.name} has non-constant weights"
+            ctx.block(x, why)
+            if yshape is not None:
+                ctx.space.block(ctx.allocate(node, y, 1, yshape[1]), why)
+            return
+        g = int(node.attrs.get("group", 1))
+        c_out, cin_g = int(wv.shape[0]), int(wv.shape[1])
+        c_in = cin_g * g
+        xe = ctx.get_or_fixed(node, x, 1, f"Conv {node.name} reads untracked tensor " + x.name)
+        spatial_out = int(math.prod(yshape[2:])) * int(yshape[0])
+        k = _kernel_area(wv)
+        if g == c_in and c_out == c_in and g > 1:  # depthwise
+            ctx.set(y, 1, xe)
+            ctx.weight(node, w, 0, xe, Role.PRODUCER)
+            if b is not None:
+                ctx.weight(node, b, 0, xe, Role.BIAS)
+                ctx.cost("params", node, 1, out=xe, tensor=b)
+            ctx.cost("macs", node, spatial_out * k, out=xe)
+            ctx.cost("params", node, k, out=xe, tensor=w)
+            return
+        ye = ctx.allocate(node, y, 1, c_out)
+        ctx.weight(node, w, 0, ye, Role.PRODUCER)
+        if b is not None:
+            ctx.weight(node, b, 0, ye, Role.BIAS)
+            ctx.cost("params", node, 1, out=ye, tensor=b)
+        if g == 1:
+            ctx.weight(node, w, 1, xe, Role.CONSUMER)
+        else:
+            cout_g = c_out // g
+            for blk in range(g):
+                ctx.weight(node, w, 1, xe[blk * cin_g:(blk + 1) * cin_g], Role.CONSUMER,
+                           rows=(blk * cout_g, (blk + 1) * cout_g))
+            ctx.require_blocks(node, ye, g)
+            ctx.require_blocks(node, xe, g)
+        ctx.cost("macs", node, spatial_out * k, out=ye, inp=xe, blocks=g)
+        ctx.cost("params", node, k, out=ye, inp=xe, blocks=g, tensor=w)
+
+    def apply(self, node: gs.Node, ctx: SurgeryContext) -> None:
+        # Weights are sliced from the analysis records; only a depthwise conv's group
+        # attribute follows the channel count.
+        # Handlers run before the weights are sliced, so W has its original shape here.
+        g = int(node.attrs.get("group", 1))
+        wv = ctx.const(node.inputs[1])
+        keep = ctx.keep(node.outputs[0])
+        if wv is not None and keep is not None and g > 1 and wv.shape[1] == 1 and wv.shape[0] == g:
+            node.attrs["group"] = int(keep.sum())
+
+
+@register("ConvTranspose")
+class ConvTransposeHandler(OpHandler):
+    reduces_channels = True
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        x, w = node.inputs[0], node.inputs[1]
+        b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        y = node.outputs[0]
+        wv, xshape, yshape = ctx.const(w), ctx.shape(x), ctx.shape(y)
+        g = int(node.attrs.get("group", 1))
+        if wv is None or yshape is None or xshape is None or g != 1 or (b is not None and ctx.const(b) is None):
+            why = (f"ConvTranspose {node.name} has group={g}" if g != 1
+                   else f"ConvTranspose {node.name} has non-constant weights")
+            ctx.block(x, why)
+            if yshape is not None:
+                ctx.space.block(ctx.allocate(node, y, 1, yshape[1]), why)
+            return
+        xe = ctx.get_or_fixed(node, x, 1, f"ConvTranspose {node.name} reads untracked tensor " + x.name)
+        ye = ctx.allocate(node, y, 1, int(wv.shape[1]))
+        ctx.weight(node, w, 0, xe, Role.CONSUMER)
+        ctx.weight(node, w, 1, ye, Role.PRODUCER)
+        k = _kernel_area(wv)
+        if b is not None:
+            ctx.weight(node, b, 0, ye, Role.BIAS)
+            ctx.cost("params", node, 1, out=ye, tensor=b)
+        ctx.cost("macs", node, int(math.prod(xshape[2:])) * int(xshape[0]) * k, out=ye, inp=xe)
+        ctx.cost("params", node, k, out=ye, inp=xe, tensor=w)
+
+    def apply(self, node: gs.Node, ctx: SurgeryContext) -> None:
+        """Nothing beyond the recorded weight slices."""

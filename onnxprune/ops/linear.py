@@ -1,0 +1,94 @@
+"""Gemm and MatMul with constant weights (fully connected layers).
+
+Channel rules:
+- Gemm Y = A' B' + C: A's K axis is read (consumer slice of B' per input feature, which
+  after a Flatten repeats each channel H*W times); Y's N axis holds new channels
+  (producer row of B', bias C). MACs M*K*N.
+- MatMul A[..., M, K] @ B[K, N] with constant 2-D B: the same when A's channels lie on
+  its last axis; when they lie on another axis the product acts per channel and the
+  channels pass through unchanged (MACs counted, nothing sliced).
+- a non-constant weight operand (attention-style products) blocks the channels read.
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx_graphsurgeon as gs
+
+from onnxprune.analysis.context import AnalysisContext, Role
+from onnxprune.ops.registry import OpHandler, register
+from onnxprune.surgery.context import SurgeryContext
+
+
+def _blocked_product(node: gs.Node, ctx: AnalysisContext, why: str) -> None:
+    ctx.block_inputs(node, why)
+    y = node.outputs[0]
+    ys = ctx.shape(y)
+    if ys is not None and len(ys) >= 1:
+        ctx.space.block(ctx.allocate(node, y, len(ys) - 1, ys[-1]), why)
+
+
+@register("Gemm")
+class GemmHandler(OpHandler):
+    reduces_channels = True
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        a, b = node.inputs[0], node.inputs[1]
+        c = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        bv = ctx.const(b)
+        if bv is None or (c is not None and ctx.const(c) is None):
+            _blocked_product(node, ctx, f"Gemm {node.name} has non-constant weights")
+            return
+        trans_a, trans_b = int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
+        k_axis_a = 0 if trans_a else 1
+        tc = ctx.get(a)
+        if tc is not None and tc.axis != k_axis_a:
+            _blocked_product(node, ctx, f"Gemm {node.name} reads channels on its M axis")
+            return
+        ae = ctx.get_or_fixed(node, a, k_axis_a, f"Gemm {node.name} reads an untracked input")
+        y = node.outputs[0]
+        m, n = ctx.shape(y)
+        ye = ctx.allocate(node, y, 1, n)
+        ctx.weight(node, b, 1 if trans_b else 0, ae, Role.CONSUMER)
+        ctx.weight(node, b, 0 if trans_b else 1, ye, Role.PRODUCER)
+        ctx.cost("macs", node, m, out=ye, inp=ae)
+        ctx.cost("params", node, 1, out=ye, inp=ae, tensor=b)
+        if c is not None:
+            cs = ctx.shape(c)
+            if cs and cs[-1] == n and n > 1:
+                ctx.weight(node, c, len(cs) - 1, ye, Role.BIAS)
+                ctx.cost("params", node, math.prod(cs) / n, out=ye, tensor=c)
+
+    def apply(self, node: gs.Node, ctx: SurgeryContext) -> None:
+        """Weights are sliced from the analysis records."""
+
+
+@register("MatMul")
+class MatMulHandler(OpHandler):
+    reduces_channels = True
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        a, b = node.inputs[0], node.inputs[1]
+        bv = ctx.const(b)
+        tc = ctx.get(a)
+        y = node.outputs[0]
+        ys = ctx.shape(y)
+        if bv is None or bv.ndim != 2 or ys is None:
+            if tc is not None or ctx.get(b) is not None:
+                _blocked_product(node, ctx, f"MatMul {node.name} multiplies two activations")
+            return
+        rank = ctx.rank(a)
+        if tc is not None and tc.axis != rank - 1:
+            ctx.set(y, tc.axis + len(ys) - rank, tc.elems)
+            ctx.cost("macs", node, math.prod(ys) * bv.shape[0])
+            return
+        ae = ctx.get_or_fixed(node, a, rank - 1, f"MatMul {node.name} reads an untracked input")
+        ye = ctx.allocate(node, y, len(ys) - 1, ys[-1])
+        ctx.weight(node, b, 0, ae, Role.CONSUMER)
+        ctx.weight(node, b, 1, ye, Role.PRODUCER)
+        ctx.cost("macs", node, math.prod(ys[:-1]), out=ye, inp=ae)
+        ctx.cost("params", node, 1, out=ye, inp=ae, tensor=b)
+
+    def apply(self, node: gs.Node, ctx: SurgeryContext) -> None:
+        """Weights are sliced from the analysis records."""

@@ -1,0 +1,345 @@
+"""The compression report: JSON for machines, rich tables for people.
+
+:class:`CompressReport` holds plain figures gathered by the other stages (MACs, params,
+latency, per-group kept/total, stage timings, warnings, fidelity). It computes nothing
+from models itself. ``to_dict()`` gives the JSON schema::
+
+    {"input", "output", "criterion", "target",
+     "macs": {"before", "after", "ratio"}, "params": {"before", "after", "ratio"},
+     "latency_ms": {"before": {median, p90, mean, min, runs, provider, threads, batch} | null,
+                    "after": ... | null, "speedup": float | null, "ideal_speedup": float},
+     "groups": [{"name", "op", "kept", "total", "blocked_reason"}],
+     "stage_seconds": {stage: seconds}, "reachable": str | null,
+     "warnings": [str], "fidelity": {...} | null}
+
+Non-finite floats (an infinite ratio when a count is zero) are written as ``null`` so the
+file is strict JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from onnxprune.bench import LatencyStats, speedup
+from onnxprune.errors import OutputPathError
+
+__all__ = ["CompressReport", "GroupRow", "format_count"]
+
+_PREFIXES = ("", "K", "M", "G", "T", "P", "E")
+
+
+def format_count(n: float, unit: str = "") -> str:
+    """Human form of a count with three significant digits and a K/M/G/T prefix.
+
+    ``format_count(4_089_000_000, "MACs") == "4.09 GMACs"``,
+    ``format_count(25_557_032) == "25.6 M"``, ``format_count(512) == "512"``.
+    """
+    if isinstance(n, float) and not math.isfinite(n):
+        return f"{n} {unit}".strip()
+    sign = "-" if n < 0 else ""
+    v = abs(float(n))
+    i = 0
+    while v >= 999.5 and i < len(_PREFIXES) - 1:
+        v /= 1000.0
+        i += 1
+    if i == 0 and float(n).is_integer():
+        num = str(int(v))
+    elif v >= 99.95:
+        num = f"{v:.0f}"
+    elif v >= 9.995:
+        num = f"{v:.1f}"
+    else:
+        num = f"{v:.2f}"
+    return f"{sign}{num} {_PREFIXES[i]}{unit}".rstrip()
+
+
+def _ratio(num: float, den: float) -> float:
+    if den == 0:
+        return 1.0 if num == 0 else math.inf
+    return num / den
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON values: dataclasses / mappings / sequences / numpy scalars; non-finite -> None."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        to_dict = getattr(obj, "to_dict", None)
+        return _jsonable(to_dict() if callable(to_dict) else dataclasses.asdict(obj))
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return str(obj)
+
+
+@dataclass(frozen=True)
+class GroupRow:
+    """One channel group in the report: ``kept`` of ``total`` channels survive."""
+
+    name: str
+    op: str
+    kept: int
+    total: int
+    blocked_reason: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.kept != self.total
+
+
+@dataclass(frozen=True)
+class CompressReport:
+    """Everything one compression run reports; see the module docstring for the JSON schema."""
+
+    input_path: str
+    output_path: str
+    criterion: str
+    target: str
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    latency_before: LatencyStats | None
+    latency_after: LatencyStats | None
+    groups: tuple[GroupRow, ...]
+    stage_seconds: Mapping[str, float]
+    reachable: str | None = None
+    warnings: tuple[str, ...] = ()
+    fidelity: Mapping | None = None
+
+    # ------------------------------------------------------------------ figures
+    @property
+    def macs_ratio(self) -> float:
+        """MACs after / before (1.0 when both are zero)."""
+        return _ratio(self.macs_after, self.macs_before)
+
+    @property
+    def params_ratio(self) -> float:
+        """Parameters after / before (1.0 when both are zero)."""
+        return _ratio(self.params_after, self.params_before)
+
+    @property
+    def ideal_speedup(self) -> float:
+        """MACs before / after: the speedup if latency were proportional to MACs."""
+        return _ratio(self.macs_before, self.macs_after)
+
+    @property
+    def measured_speedup(self) -> float | None:
+        """Median latency before / after, or None when either was not measured."""
+        if self.latency_before is None or self.latency_after is None:
+            return None
+        return speedup(self.latency_before, self.latency_after)
+
+    # --------------------------------------------------------------------- JSON
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (strict JSON: non-finite floats become None)."""
+        d = {
+            "input": self.input_path,
+            "output": self.output_path,
+            "criterion": self.criterion,
+            "target": self.target,
+            "macs": {"before": self.macs_before, "after": self.macs_after, "ratio": self.macs_ratio},
+            "params": {
+                "before": self.params_before,
+                "after": self.params_after,
+                "ratio": self.params_ratio,
+            },
+            "latency_ms": {
+                "before": self.latency_before.to_dict() if self.latency_before else None,
+                "after": self.latency_after.to_dict() if self.latency_after else None,
+                "speedup": self.measured_speedup,
+                "ideal_speedup": self.ideal_speedup,
+            },
+            "groups": [dataclasses.asdict(g) for g in self.groups],
+            "stage_seconds": dict(self.stage_seconds),
+            "reachable": self.reachable,
+            "warnings": list(self.warnings),
+            "fidelity": self.fidelity,
+        }
+        return _jsonable(d)
+
+    def write_json(self, path: str | os.PathLike) -> Path:
+        """Write ``to_dict()`` to ``path`` atomically (temp file in the same folder + os.replace)."""
+        path = Path(path)
+        directory = path.parent
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        except OSError as exc:
+            raise OutputPathError(f"cannot write report {path}: {exc.strerror or exc}") from exc
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise OutputPathError(f"cannot write report {path}: {exc.strerror or exc}") from exc
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return path
+
+    # -------------------------------------------------------------------- rich
+    def render(self, console: Console, *, verbose: bool = False) -> None:
+        """Print the summary, the per-group table, stage timings and warnings.
+
+        The group table lists only groups that lost channels, with a count of the
+        unchanged and blocked ones below it; ``verbose=True`` lists every group.
+        """
+        console.print(
+            f"[bold]onnxprune[/bold] {escape(self.input_path)} -> {escape(self.output_path)}"
+            f"  (criterion {escape(self.criterion)}, target {escape(self.target)})",
+            highlight=False,
+        )
+        console.print(self._summary_table())
+        if self.reachable:
+            console.print(f"[yellow]target: {escape(self.reachable)}[/yellow]", highlight=False)
+        console.print(self._group_table(verbose))
+        self._print_hidden_counts(console, verbose)
+        if self.fidelity:
+            table = self._fidelity_table()
+            if table is not None:
+                console.print(table)
+        if self.stage_seconds:
+            console.print(self._stage_table())
+        for w in self.warnings:
+            console.print(f"[yellow]warning: {escape(w)}[/yellow]", highlight=False)
+
+    def _summary_table(self) -> Table:
+        t = Table(title="Summary", title_justify="left")
+        t.add_column("")
+        t.add_column("before", justify="right")
+        t.add_column("after", justify="right")
+        t.add_column("after/before", justify="right")
+        t.add_row(
+            "MACs", format_count(self.macs_before, "MACs"), format_count(self.macs_after, "MACs"),
+            _fmt_ratio(self.macs_ratio),
+        )
+        t.add_row(
+            "params", format_count(self.params_before), format_count(self.params_after),
+            _fmt_ratio(self.params_ratio),
+        )
+        lb, la = self.latency_before, self.latency_after
+        if lb is not None or la is not None:
+            t.add_row(
+                "latency median", _fmt_ms(lb and lb.median_ms), _fmt_ms(la and la.median_ms),
+                _fmt_ratio(la.median_ms / lb.median_ms) if lb and la and lb.median_ms > 0 else "-",
+            )
+            t.add_row("latency p90", _fmt_ms(lb and lb.p90_ms), _fmt_ms(la and la.p90_ms), "")
+            ref = lb or la
+            t.add_row(
+                "setup", "", "",
+                f"{escape(ref.provider)}, batch {ref.batch}, "
+                f"threads {ref.threads if ref.threads is not None else 'default'}",
+            )
+        measured = self.measured_speedup
+        t.add_row(
+            "speedup", "", "",
+            f"{_fmt_speedup(measured)} measured / {_fmt_speedup(self.ideal_speedup)} ideal (MACs)",
+        )
+        return t
+
+    def _group_table(self, verbose: bool) -> Table:
+        shown = self.groups if verbose else tuple(g for g in self.groups if g.changed)
+        t = Table(title="Channel groups" if verbose else "Pruned channel groups",
+                  title_justify="left")
+        t.add_column("group", overflow="fold")
+        t.add_column("op")
+        t.add_column("kept/total", justify="right")
+        t.add_column("kept", justify="right")
+        if verbose:
+            t.add_column("blocked", overflow="fold")
+        for g in shown:
+            row = [
+                escape(g.name), escape(g.op), f"{g.kept}/{g.total}",
+                f"{100.0 * g.kept / g.total:.0f}%" if g.total else "-",
+            ]
+            if verbose:
+                row.append(f"[yellow]{escape(g.blocked_reason)}[/yellow]" if g.blocked_reason else "")
+            t.add_row(*row)
+        return t
+
+    def _print_hidden_counts(self, console: Console, verbose: bool) -> None:
+        blocked = sum(1 for g in self.groups if g.blocked_reason is not None)
+        if verbose:
+            console.print(f"{len(self.groups)} groups, {blocked} blocked", highlight=False)
+            return
+        unchanged = sum(1 for g in self.groups if not g.changed and g.blocked_reason is None)
+        console.print(
+            f"{sum(1 for g in self.groups if g.changed)} groups pruned; "
+            f"{unchanged} unchanged and {blocked} blocked not shown (verbose shows all)",
+            highlight=False,
+        )
+
+    def _fidelity_table(self) -> Table | None:
+        data = _jsonable(self.fidelity)
+        outputs = data.get("outputs", data) if isinstance(data, dict) else None
+        if not isinstance(outputs, dict):
+            return None
+        rows = {k: v for k, v in outputs.items() if isinstance(v, dict)}
+        if not rows:
+            return None
+        t = Table(title="Fidelity to the original (informational)", title_justify="left")
+        t.add_column("output", overflow="fold")
+        for col in ("max abs err", "max rel err", "cosine", "top-1 agree"):
+            t.add_column(col, justify="right")
+        for name, v in rows.items():
+            t.add_row(
+                escape(name), _fmt_num(v.get("max_abs_error")), _fmt_num(v.get("max_rel_error")),
+                _fmt_num(v.get("cosine"), ".4f"),
+                _fmt_num(v.get("top1_agreement"), ".1%"),
+            )
+        return t
+
+    def _stage_table(self) -> Table:
+        t = Table(title="Stage timings", title_justify="left")
+        t.add_column("stage")
+        t.add_column("seconds", justify="right")
+        for stage, sec in self.stage_seconds.items():
+            t.add_row(escape(str(stage)), f"{sec:.2f}")
+        t.add_row("[bold]total[/bold]", f"[bold]{sum(self.stage_seconds.values()):.2f}[/bold]")
+        return t
+
+
+def _fmt_ratio(r: float) -> str:
+    return f"{r:.3f}" if math.isfinite(r) else "-"
+
+
+def _fmt_speedup(s: float | None) -> str:
+    return f"{s:.2f}x" if s is not None and math.isfinite(s) else "-"
+
+
+def _fmt_ms(ms: float | None) -> str:
+    return f"{ms:.2f} ms" if ms is not None else "-"
+
+
+def _fmt_num(v: Any, spec: str = ".3g") -> str:
+    return format(v, spec) if isinstance(v, (int, float)) else "-"

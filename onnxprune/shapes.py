@@ -1,0 +1,132 @@
+"""Measure the concrete shape of every tensor of a model by running it once.
+
+Static shape inference leaves gaps (Resize with computed scales, Reshape of
+computed shapes, symbolic dims); the pruning stages need exact numbers. So
+:func:`measure_shapes` runs the model once in onnxruntime (CPUExecutionProvider,
+graph optimizations off) on random inputs of the given shapes, with every node
+output of the top-level graph exposed as a graph output, and reads the shapes
+off the results. Tensors inside If/Loop/Scan bodies are not measured.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+
+from onnxprune.errors import InputShapeError, UnsupportedModelError
+from onnxprune.inputs import graph_inputs, make_inputs
+
+__all__ = ["measure_shapes"]
+
+_PROTO_LIMIT = 1_800_000_000
+
+
+def _one_line(exc: BaseException) -> str:
+    for line in str(exc).strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
+def _fmt_shapes(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    return ", ".join(f"{n}={'x'.join(str(d) for d in s) or 'scalar'}" for n, s in shapes.items())
+
+
+def _probe_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Copy of ``model`` whose graph outputs are every node output (names in order)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    graph = probe.graph
+    existing = {o.name for o in graph.output}
+    # Declared value_info can be wrong (exporters) and clash with what ORT infers; drop it.
+    del graph.value_info[:]
+    names: list[str] = []
+    seen: set[str] = set()
+    for node in graph.node:
+        for out in node.output:
+            if out and out not in seen:
+                seen.add(out)
+                names.append(out)
+                if out not in existing:
+                    vi = onnx.ValueInfoProto()
+                    vi.name = out  # no type: onnxruntime takes it from its own inference
+                    graph.output.append(vi)
+    return probe, names
+
+
+def _session(probe: onnx.ModelProto):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    if probe.ByteSize() < _PROTO_LIMIT:
+        return ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="onnxprune-shapes-") as tmp:
+        path = os.path.join(tmp, "probe.onnx")
+        onnx.save_model(probe, path, save_as_external_data=True, all_tensors_to_one_file=True, location="probe.data")
+        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def measure_shapes(
+    model: onnx.ModelProto,
+    input_shapes: Mapping[str, tuple[int, ...]],
+    *,
+    seed: int = 0,
+) -> dict[str, tuple[int, ...]]:
+    """Concrete shape of every tensor in the top-level graph, measured with onnxruntime.
+
+    Args:
+        model: the model to measure (not modified; a copy is run).
+        input_shapes: ``{graph input name: shape}`` for every real graph input, e.g.
+            from :func:`onnxprune.inputs.resolve_input_shapes`.
+        seed: seed of the random inputs (:func:`onnxprune.inputs.make_inputs`).
+
+    Returns:
+        ``{tensor name: shape}`` (tuples of ints, ``()`` for scalars) for every graph
+        input, every initializer and every non-empty node output of the top-level
+        graph. Non-tensor outputs (sequences, maps) are left out.
+
+    Raises:
+        InputShapeError: ``input_shapes`` misses or adds an input, or the model does
+            not run on these shapes (e.g. the spatial size is too small); the message
+            names the inputs and shapes.
+        UnsupportedModelError: onnxruntime cannot build a session for the model, or
+            an input dtype cannot be fed.
+    """
+    real = [vi.name for vi in graph_inputs(model)]
+    unknown = sorted(set(input_shapes) - set(real))
+    if unknown:
+        raise InputShapeError(f"input shapes name unknown input(s) {', '.join(unknown)} (inputs: {', '.join(real)})")
+    missing = [n for n in real if n not in input_shapes]
+    if missing:
+        raise InputShapeError(f"no shape given for input(s) {', '.join(missing)}")
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in real:
+        shapes[name] = tuple(int(d) for d in input_shapes[name])
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(int(d) for d in init.dims)
+
+    feeds = make_inputs(model, shapes, seed=seed)
+    probe, names = _probe_model(model)
+    try:
+        sess = _session(probe)
+    except Exception as exc:
+        raise UnsupportedModelError(f"onnxruntime cannot load the model: {_one_line(exc)}") from exc
+    out_names = [o.name for o in sess.get_outputs()]
+    try:
+        values = sess.run(out_names, feeds)
+    except Exception as exc:
+        raise InputShapeError(
+            f"the model does not run with input shapes {_fmt_shapes({n: shapes[n] for n in real})}: {_one_line(exc)}"
+        ) from exc
+    for name, value in zip(out_names, values):
+        if isinstance(value, np.ndarray):
+            shapes.setdefault(name, tuple(int(d) for d in value.shape))
+    del names
+    return shapes

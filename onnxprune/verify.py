@@ -1,0 +1,347 @@
+"""Verify a pruned model against the original one.
+
+Rules this stage follows, in this order:
+
+1. ``onnx.checker.check_model(pruned, full_check=True)`` must pass (models over the 2 GB
+   protobuf limit are saved to a temporary directory with external data and checked by
+   path). A checker failure is a :class:`~onnxprune.errors.VerificationError` carrying
+   the checker's first line.
+2. Both models must load into onnxruntime and run on the same random inputs
+   (:func:`onnxprune.inputs.make_inputs`, seeded). Failures name the node when
+   onnxruntime does. Sessions run the graph as written (graph optimisations off) so
+   that errors name the model's own nodes; :mod:`onnxprune.bench` measures with full
+   optimisation.
+3. The pruned model's graph inputs and outputs must carry the same names as the
+   original's, and every output the same dtype and shape.
+4. The numeric difference per output (max absolute and relative error, cosine
+   similarity, top-1 agreement for ``[N, classes]`` outputs) is recorded as
+   information only: pruning is expected to change outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxprune.errors import OnnxPruneError, VerificationError
+from onnxprune.inputs import graph_inputs, make_inputs
+
+__all__ = [
+    "OutputFidelity",
+    "VerifyResult",
+    "check_providers",
+    "make_session",
+    "model_source",
+    "ort_message",
+    "run_model",
+    "verify",
+]
+
+#: Largest serialised model handed to onnx/onnxruntime as bytes; larger ones go by path.
+PROTOBUF_LIMIT = onnx.checker.MAXIMUM_PROTOBUF
+
+Provider = Union[str, tuple[str, dict[str, Any]]]
+
+# Where onnxruntime names the node that failed, in the formats it uses.
+_NODE_PATTERNS = (
+    re.compile(r"Name:'([^']*)'"),
+    re.compile(r"\bNode \(([^)]*)\)"),
+    re.compile(r"\bnode '([^']*)'"),
+)
+_SOURCE_LOCATION = re.compile(r"^\S+\.(?:cc|cpp|cu|h):\d+ [^(\s]+")
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*[A-Z_]+\s*:\s*")
+
+
+@dataclass(frozen=True)
+class OutputFidelity:
+    """Numeric difference of one output between the original (reference) and pruned model.
+
+    ``max_rel_error`` is ``max|pruned - ref| / max|ref|`` (0 when both are all zeros,
+    ``inf`` when only the reference is). ``cosine`` is computed on the flattened outputs
+    in float64 (1.0 when both are all zeros). ``top1_agreement`` is the fraction of rows
+    whose argmax agrees, for 2-D ``[N, classes]`` outputs only.
+    """
+
+    max_abs_error: float
+    max_rel_error: float
+    cosine: float
+    top1_agreement: float | None = None
+
+    def to_dict(self) -> dict[str, float | None]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of :func:`verify`: the pruned model's output shapes and fidelity per output."""
+
+    output_shapes: dict[str, tuple[int, ...]]
+    fidelity: dict[str, OutputFidelity]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form: ``{"output_shapes": {name: [dims]}, "outputs": {name: {...}}}``."""
+        return {
+            "output_shapes": {k: list(v) for k, v in self.output_shapes.items()},
+            "outputs": {k: v.to_dict() for k, v in self.fidelity.items()},
+        }
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+def _provider_name(p: Provider) -> str:
+    return p if isinstance(p, str) else p[0]
+
+
+def check_providers(providers: Sequence[Provider]) -> None:
+    """Raise :class:`OnnxPruneError` if a requested execution provider is not available."""
+    if not providers:
+        raise OnnxPruneError("no onnxruntime execution provider given")
+    available = ort.get_available_providers()
+    for p in providers:
+        name = _provider_name(p)
+        if name not in available:
+            raise OnnxPruneError(
+                f"onnxruntime execution provider {name!r} is not available; "
+                f"available: {', '.join(available)}"
+            )
+
+
+def _model_size(model: onnx.ModelProto) -> int:
+    try:
+        return model.ByteSize()
+    except Exception:  # protobuf implementations may refuse to size huge messages
+        return PROTOBUF_LIMIT + 1
+
+
+@contextlib.contextmanager
+def model_source(model: onnx.ModelProto | str | os.PathLike) -> Iterator[bytes | str]:
+    """Yield what onnxruntime / the checker should read: bytes, or a path for big models.
+
+    Paths are passed through. A ModelProto at or over :data:`PROTOBUF_LIMIT` is copied
+    (the caller's proto is left untouched) and saved with external data into a temporary
+    directory that lives until the context exits; smaller ones are serialised to bytes.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        yield os.fspath(model)
+        return
+    if _model_size(model) < PROTOBUF_LIMIT:
+        yield model.SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="onnxprune-") as tmp:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        path = os.path.join(tmp, "model.onnx")
+        onnx.save_model(
+            copy, path, save_as_external_data=True, all_tensors_to_one_file=True,
+            location="model.onnx.data", size_threshold=1024,
+        )
+        del copy
+        yield path
+
+
+def ort_message(exc: BaseException) -> str:
+    """First line of an onnxruntime error, without the ``[ONNXRuntimeError] : n : CODE :`` prefix."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return _strip_source_location(_ORT_PREFIX.sub("", first))
+
+
+def _strip_source_location(msg: str) -> str:
+    """Drop a leading ``/path/file.cc:123 ns::Func(args...)`` that some ORT errors carry."""
+    m = _SOURCE_LOCATION.match(msg)
+    if not m:
+        return msg
+    depth, i = 0, m.end()
+    while i < len(msg):
+        if msg[i] == "(":
+            depth += 1
+        elif msg[i] == ")":
+            depth -= 1
+            if depth == 0:
+                rest = msg[i + 1 :].strip()
+                return rest or msg
+        i += 1
+    return msg
+
+
+def _ort_node(exc: BaseException) -> str | None:
+    text = str(exc)
+    for pat in _NODE_PATTERNS:
+        m = pat.search(text)
+        if m and m.group(1):
+            return m.group(1)
+    return None
+
+
+def _ort_error(exc: BaseException, what: str, label: str) -> VerificationError:
+    node = _ort_node(exc)
+    where = f" at node {node!r}" if node else ""
+    return VerificationError(f"onnxruntime failed to {what} the {label}{where}: {ort_message(exc)}")
+
+
+def make_session(
+    source: bytes | str,
+    providers: Sequence[Provider] = ("CPUExecutionProvider",),
+    *,
+    options: ort.SessionOptions | None = None,
+    label: str = "model",
+) -> ort.InferenceSession:
+    """Create an InferenceSession; providers are checked first, ORT errors become VerificationError."""
+    check_providers(providers)
+    if options is None:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 4  # failures are raised, not logged
+    try:
+        return ort.InferenceSession(source, sess_options=options, providers=list(providers))
+    except Exception as exc:  # ORT raises its own Exception subclasses, ValueError, RuntimeError
+        raise _ort_error(exc, "load", label) from exc
+
+
+def _run_session(
+    sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray], label: str
+) -> dict[str, np.ndarray]:
+    names = [o.name for o in sess.get_outputs()]
+    wanted = {i.name for i in sess.get_inputs()}
+    missing = sorted(wanted - set(feeds))
+    if missing:
+        raise VerificationError(f"no input data for input {missing[0]!r} of the {label}")
+    run_options = ort.RunOptions()
+    run_options.log_severity_level = 4
+    try:
+        values = sess.run(names, {k: v for k, v in feeds.items() if k in wanted}, run_options)
+    except Exception as exc:
+        raise _ort_error(exc, "run", label) from exc
+    return dict(zip(names, values))
+
+
+def run_model(
+    model: onnx.ModelProto | str | os.PathLike,
+    feeds: Mapping[str, np.ndarray],
+    providers: Sequence[Provider] = ("CPUExecutionProvider",),
+    *,
+    label: str = "model",
+) -> dict[str, np.ndarray]:
+    """Run ``model`` once in onnxruntime on ``feeds``; returns ``{output name: array}``.
+
+    Feeds for inputs the model does not have are ignored; a missing feed, a load or a
+    run failure raises :class:`VerificationError`.
+    """
+    with model_source(model) as source:
+        sess = make_session(source, providers, label=label)
+        return _run_session(sess, feeds, label)
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """The checker's message on one line. Its first line alone is often cut mid-sentence
+    ("... input 'a' of node: " / "name: relu OpType: Relu"), so lines are joined."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check(pruned: onnx.ModelProto) -> None:
+    with model_source(pruned) as source:
+        target = pruned if isinstance(source, bytes) else source
+        try:
+            onnx.checker.check_model(target, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            raise VerificationError(f"pruned model fails the ONNX checker: {_one_line(exc)}") from exc
+
+
+def _compare_names(kind: str, orig: list[str], pruned: list[str]) -> None:
+    if orig == pruned:
+        return
+    for name in orig:
+        if name not in pruned:
+            raise VerificationError(f"pruned model lacks {kind} {name!r} of the original")
+    for name in pruned:
+        if name not in orig:
+            raise VerificationError(f"pruned model has {kind} {name!r} that the original lacks")
+    raise VerificationError(
+        f"pruned model's {kind}s are in a different order: {pruned} instead of {orig}"
+    )
+
+
+def _fidelity(ref: np.ndarray, out: np.ndarray) -> OutputFidelity:
+    r = np.asarray(ref, dtype=np.float64).ravel()
+    o = np.asarray(out, dtype=np.float64).ravel()
+    if r.size == 0:
+        return OutputFidelity(0.0, 0.0, 1.0, None)
+    diff = np.abs(o - r)
+    max_abs = float(diff.max())
+    scale = float(np.abs(r).max())
+    if scale > 0:
+        max_rel = max_abs / scale
+    else:
+        max_rel = 0.0 if max_abs == 0 else float("inf")
+    nr, no = float(np.linalg.norm(r)), float(np.linalg.norm(o))
+    if nr == 0 and no == 0:
+        cosine = 1.0
+    elif nr == 0 or no == 0:
+        cosine = 0.0
+    else:
+        cosine = float(np.clip(np.dot(r, o) / (nr * no), -1.0, 1.0))
+    top1 = None
+    if ref.ndim == 2 and ref.shape[0] > 0 and ref.shape[1] > 1:
+        top1 = float(np.mean(np.argmax(ref, axis=1) == np.argmax(out, axis=1)))
+    return OutputFidelity(max_abs, max_rel, cosine, top1)
+
+
+def verify(
+    pruned: onnx.ModelProto,
+    original: onnx.ModelProto,
+    input_shapes: Mapping[str, tuple[int, ...]],
+    *,
+    seed: int = 0,
+    providers: Sequence[Provider] = ("CPUExecutionProvider",),
+) -> VerifyResult:
+    """Check ``pruned``, run it and ``original`` on the same random inputs, compare outputs.
+
+    ``input_shapes`` gives the concrete shape of every graph input (see
+    :func:`onnxprune.inputs.resolve_input_shapes`). Raises :class:`VerificationError`
+    when the pruned model fails the checker, does not run, or an output's name, dtype
+    or shape differs; :class:`OnnxPruneError` when a provider is not available.
+    """
+    check_providers(providers)
+    _check(pruned)
+    _compare_names(
+        "input", [i.name for i in graph_inputs(original)], [i.name for i in graph_inputs(pruned)]
+    )
+    _compare_names(
+        "output", [o.name for o in original.graph.output], [o.name for o in pruned.graph.output]
+    )
+
+    feeds = make_inputs(original, dict(input_shapes), seed=seed)
+    ref = run_model(original, feeds, providers, label="original model")
+    out = run_model(pruned, feeds, providers, label="pruned model")
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    fidelity: dict[str, OutputFidelity] = {}
+    for name, r in ref.items():
+        o = out[name]
+        if r.dtype != o.dtype:
+            raise VerificationError(
+                f"output {name!r} has dtype {o.dtype} in the pruned model, {r.dtype} in the original"
+            )
+        if r.shape != o.shape:
+            raise VerificationError(
+                f"output {name!r} has shape {list(o.shape)} in the pruned model, "
+                f"{list(r.shape)} in the original"
+            )
+        shapes[name] = tuple(int(d) for d in o.shape)
+        fidelity[name] = _fidelity(r, o)
+    return VerifyResult(output_shapes=shapes, fidelity=fidelity)
