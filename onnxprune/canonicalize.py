@@ -48,6 +48,8 @@ __all__ = ["CanonicalResult", "canonicalize"]
 
 # ConstantOfShape outputs with more elements than this are left as nodes (memory guard).
 _MAX_MATERIALIZED_ELEMENTS = 1 << 28
+# Initializers above this size are left out of shape inference (they are weights, not shapes).
+_SKELETON_MAX_ELEMENTS = 1 << 12
 
 
 @dataclass(frozen=True)
@@ -393,23 +395,39 @@ def _prune_value_info(model: onnx.ModelProto) -> None:
 
 
 def _infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Fill ``model.graph.value_info`` by ONNX shape inference (in place).
+
+    Inference runs on a skeleton in which large initializers (more than
+    ``_SKELETON_MAX_ELEMENTS`` elements: weights, never shape tensors) are graph
+    inputs of the same dtype and shape, so the full weights are not serialized.
+    """
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    graph = skeleton.graph
+    big = [i for i, t in enumerate(graph.initializer) if int(np.prod(t.dims, dtype=np.int64)) > _SKELETON_MAX_ELEMENTS]
+    for i in reversed(big):
+        t = graph.initializer[i]
+        graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        del graph.initializer[i]
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
     except Exception as exc:  # inference is a convenience: never fatal
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return model, [f"shape inference failed: {first}"]
-    return inferred, []
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model, []
 
 
 def _drop_unused_initializers(model: onnx.ModelProto) -> list[str]:
     graph = model.graph
     used = _used_names(graph)
-    keep = [t for t in graph.initializer if t.name in used]
-    dropped = len(graph.initializer) - len(keep)
+    unused = [i for i, t in enumerate(graph.initializer) if t.name not in used]
+    dropped = len(unused)
     if not dropped:
         return []
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    for i in reversed(unused):
+        del graph.initializer[i]
     return [f"removed {dropped} unused initializer(s)"]
 
 

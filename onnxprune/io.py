@@ -55,6 +55,20 @@ def default_opset(model: onnx.ModelProto) -> int | None:
     return None
 
 
+def _all_tensors(graph: onnx.GraphProto):
+    """Initializers and attribute tensors of ``graph`` and all its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     first = text[0].strip() if text else ""
@@ -96,6 +110,11 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     # Protobuf parsing is lenient: random bytes sometimes parse into a nearly empty message.
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         raise ModelLoadError(f"{p}: not an ONNX model (no IR version, graph or opset import)")
+    for tensor in _all_tensors(model.graph):
+        if onnx.external_data_helper.uses_external_data(tensor):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            if not location or not (p.parent / location).is_file():
+                raise ModelLoadError(f"{p}: external data file {location or '?'} of tensor {tensor.name!r} is missing")
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
     except FileNotFoundError as exc:

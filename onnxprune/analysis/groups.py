@@ -120,6 +120,15 @@ class Analysis:
             total += self.fixed_params
         return int(round(total))
 
+    def count_by_node(self, kind: str) -> dict[str, float]:
+        """Unpruned MACs or params of each node that has any, in graph order."""
+        none = np.zeros(len(self.elem_group), dtype=bool)
+        out: dict[str, float] = {}
+        for t in self.costs:
+            if t.kind == kind:
+                out[t.node] = out.get(t.node, 0.0) + _term_value(t, none)
+        return out
+
     def freed(self, kind: str) -> list[np.ndarray]:
         """Per group, float64 [size]: MACs or params freed by removing each channel alone."""
         offsets = np.cumsum([0] + [g.size for g in self.groups])
@@ -217,7 +226,7 @@ def build_analysis(ctx: AnalysisContext, float_constants: Mapping[str, int]) -> 
         node = space.allocs[allocs[0]][0]
         k = used_names.get(node, 0)
         used_names[node] = k + 1
-        infos.append([node if k == 0 else f"{node}#{k}", node_ops.get(node, "?"), len(numbering), reason, 1])
+        infos.append([node if k == 0 else f"{node}#{k}", node_ops.get(node, "input"), len(numbering), reason, 1])
 
     for node, elems, g in ctx.block_requirements:
         gids = np.unique(elem_group[elems])

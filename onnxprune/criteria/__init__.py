@@ -1,0 +1,28 @@
+"""Channel importance criteria (one module per criterion) and their registry by name."""
+
+from __future__ import annotations
+
+from onnxprune.criteria.base import Criterion
+from onnxprune.criteria.cpmc import CPMC
+from onnxprune.criteria.magnitude import BN, L1, L2
+from onnxprune.criteria.random import Random
+from onnxprune.errors import OnnxPruneError
+
+DATA_FREE = {"l1": L1, "l2": L2, "bn": BN, "cpmc": CPMC, "random": Random}
+DATA_DRIVEN = ("taylor", "infcp", "ifso")
+
+
+def get_criterion(name: str, **kwargs) -> Criterion:
+    """The criterion called ``name`` built with ``kwargs`` (e.g. ``seed``, ``a``, ``b``).
+
+    Raises:
+        OnnxPruneError: for an unknown name, or a data-driven one not available yet.
+    """
+    if name in DATA_FREE:
+        return DATA_FREE[name](**kwargs)
+    if name in DATA_DRIVEN:
+        raise OnnxPruneError(f"criterion {name} needs calibration data and the torch executor, not available yet")
+    raise OnnxPruneError(f"unknown criterion {name!r}; choose from {', '.join(sorted(DATA_FREE))}")
+
+
+__all__ = ["BN", "CPMC", "Criterion", "L1", "L2", "Random", "get_criterion", "DATA_FREE"]

@@ -1,0 +1,160 @@
+"""Command line: ``onnxprune compress`` and ``onnxprune analyze`` (a thin click wrapper).
+
+Every user error (:class:`~onnxprune.errors.OnnxPruneError`) prints one line,
+``error: <message>``, on stderr and exits with code 2, like click's own usage errors.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from onnxprune.errors import InputShapeError, OnnxPruneError
+from onnxprune.inputs import parse_input_shape
+from onnxprune.planning import PlanOptions, Scope, Target, TargetKind
+from onnxprune.report import format_count
+
+
+def _user_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OnnxPruneError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _shapes(specs: tuple[str, ...]) -> dict[str, tuple[int, ...]] | None:
+    out: dict[str, tuple[int, ...]] = {}
+    for s in specs:
+        name, dims = parse_input_shape(s)
+        if name in out:
+            raise InputShapeError(f"--input-shape names input {name!r} twice")
+        out[name] = dims
+    return out or None
+
+
+_input_shape = click.option("--input-shape", "input_shape", multiple=True, metavar="NAME:D0,D1,...",
+                            help="Concrete shape of a graph input (repeatable). Symbolic dims default "
+                                 "to 1 for the batch and 224 elsewhere.")
+
+
+@click.group()
+@click.version_option(package_name="onnxprune")
+def main() -> None:
+    """onnxprune: remove the weakest channels of a CNN stored as ONNX."""
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="Output model (default: <name>.pruned.onnx beside the input).")
+@click.option("--criterion", default="l1", show_default=True,
+              type=click.Choice(["l1", "l2", "bn", "cpmc", "random"]), help="Channel importance criterion.")
+@click.option("--ratio", type=float, default=None, help="Fraction of prunable channels to remove.")
+@click.option("--target-macs", type=float, default=None, help="Fraction of MACs to keep (default 0.7).")
+@click.option("--target-params", type=float, default=None, help="Fraction of params to keep.")
+@click.option("--scope", type=click.Choice(["global", "layer"]), default="global", show_default=True,
+              help="Rank channels across the network or prune every group by the same fraction.")
+@click.option("--round-to", type=int, default=1, show_default=True, help="Kept channel counts are multiples of N.")
+@click.option("--max-layer-ratio", type=float, default=1.0, show_default=True,
+              help="At most this fraction of any group's channels is removed.")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="fnmatch pattern of node names never pruned.")
+@_input_shape
+@click.option("--report", "report_path", type=click.Path(), default=None, help="Write the report as JSON.")
+@click.option("--plan-out", type=click.Path(), default=None, help="Write the pruning plan as JSON.")
+@click.option("--no-bench", is_flag=True, help="Skip the onnxruntime latency measurement.")
+@click.option("--bench-repeat", type=int, default=30, show_default=True, help="Timed runs per model.")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads for the benchmark.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cpmc-a", type=float, default=0.5, show_default=True, help="cpmc: exponent of the MACs term.")
+@click.option("--cpmc-b", type=float, default=0.5, show_default=True, help="cpmc: exponent of the params term.")
+@click.option("--strict-target", is_flag=True, help="Fail when the target is out of reach.")
+@click.option("-v", "--verbose", is_flag=True, help="Show every group in the report.")
+@_user_errors
+def compress(model, output, criterion, ratio, target_macs, target_params, scope, round_to, max_layer_ratio,
+             exclude, input_shape, report_path, plan_out, no_bench, bench_repeat, threads, seed, cpmc_a, cpmc_b,
+             strict_target, verbose):
+    """Prune MODEL and write a smaller ONNX model, with a report."""
+    from onnxprune.pipeline import CompressOptions, compress as run
+
+    given = [(k, v) for k, v in ((TargetKind.RATIO, ratio), (TargetKind.MACS, target_macs),
+                                  (TargetKind.PARAMS, target_params)) if v is not None]
+    if len(given) > 1:
+        raise OnnxPruneError("give only one of --ratio, --target-macs, --target-params")
+    target = Target(*given[0]) if given else Target(TargetKind.MACS, 0.7)
+    opts = CompressOptions(
+        criterion=criterion, target=target,
+        plan=PlanOptions(Scope(scope), round_to, max_layer_ratio, 1, tuple(exclude)),
+        input_shapes=_shapes(input_shape), seed=seed,
+        criterion_args={"a": cpmc_a, "b": cpmc_b} if criterion == "cpmc" else {},
+        strict_target=strict_target, bench=not no_bench, bench_repeat=bench_repeat, threads=threads)
+    res = run(model, output, opts)
+    res.report.render(Console(), verbose=verbose)
+    if report_path:
+        res.report.write_json(report_path)
+    if plan_out:
+        from onnxprune.io import write_text_atomic
+
+        write_text_atomic(plan_out, res.plan.to_json())
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=True))
+@_input_shape
+@click.option("--json", "json_path", type=click.Path(), default=None, help="Write the analysis as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="List every group, prunable ones included.")
+@_user_errors
+def analyze(model, input_shape, json_path, verbose):
+    """List MODEL's channel groups, blocked groups and why, and MACs/params per layer."""
+    from onnxprune.pipeline import prepare
+
+    prep = prepare(model, _shapes(input_shape))
+    a = prep.analysis
+    console = Console()
+    macs, params = a.count("macs"), a.count("params")
+    prunable = [g for g in a.groups if g.prunable]
+    blocked = [g for g in a.groups if g.blocked_reason]
+    console.print(f"[bold]{model}[/]: {format_count(macs, 'MACs')}, {format_count(params)} params, "
+                  f"{len(a.groups)} channel groups: {len(prunable)} prunable "
+                  f"({sum(g.size for g in prunable)} channels), {len(blocked)} blocked")
+    t = Table(title="Channel groups" if verbose else "Blocked channel groups")
+    for col in ("group", "op", "channels", "members", "status"):
+        t.add_column(col)
+    for g in a.groups:
+        if verbose or g.blocked_reason:
+            t.add_row(g.name, g.op, str(g.size), str(len(g.members)),
+                      "prunable" if g.prunable else (g.blocked_reason or "too small"))
+    console.print(t)
+    by_macs, by_params = a.count_by_node("macs"), a.count_by_node("params")
+    per_node = {n: (by_macs.get(n, 0.0), by_params.get(n, 0.0)) for n in {**by_macs, **by_params}}
+    lt = Table(title="MACs and params per layer")
+    for col in ("node", "MACs", "share", "params"):
+        lt.add_column(col, justify="right" if col != "node" else "left")
+    for node, (m, p) in sorted(per_node.items(), key=lambda kv: -kv[1][0])[: None if verbose else 15]:
+        lt.add_row(node, format_count(m), f"{100 * m / max(macs, 1):.1f}%", format_count(p))
+    console.print(lt)
+    if json_path:
+        from onnxprune.io import write_text_atomic
+
+        write_text_atomic(json_path, json.dumps({
+            "model": str(model), "macs": macs, "params": params,
+            "input_shapes": {k: list(v) for k, v in prep.input_shapes.items()},
+            "groups": [{"name": g.name, "op": g.op, "size": g.size, "prunable": g.prunable,
+                        "blocked_reason": g.blocked_reason, "blocks": g.blocks,
+                        "members": [{"tensor": m.tensor, "node": m.node, "axis": m.axis, "role": m.role.value}
+                                    for m in g.members]} for g in a.groups],
+            "layers": [{"node": n, "macs": v[0], "params": v[1]} for n, v in per_node.items()],
+        }, indent=1))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,55 @@
+"""CPMC: channel pruning via multi-criteria based on weight dependency.
+
+Yan, Guo, Li, Yang, Xu, arXiv:2011.03240. Three criteria per channel c, from weights
+and shapes only:
+
+1. weight value with weight dependency: ||W_l[c]||_1 / |W_l[c]| + ||W_{l+1}[:, c]||_1 /
+   |W_{l+1}[:, c]| (each term an L1 norm divided by its element count), summed over
+   every producer and consumer member of c's group;
+2. computational cost: MACs freed by removing c alone (producers and consumers);
+3. parameter quantity: parameters freed by removing c alone.
+
+Each criterion is divided by its maximum over all prunable channels of the network
+(global normalisation), then combined as ``w / (macs^a * params^b)`` with a = b = 0.5 by
+default. The paper's exact combination is not public to us: this is our reading.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxprune.analysis.groups import Analysis
+from onnxprune.criteria.base import WEIGHT_ROLES, Scores, member_reduce
+
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class CPMC:
+    """See the module docstring. ``a`` and ``b`` weigh MACs and params (>= 0)."""
+
+    a: float = 0.5
+    b: float = 0.5
+    name: str = "cpmc"
+    normalize: bool = False  # already globally normalised
+    requires_data: bool = False
+
+    def score(self, analysis: Analysis, weights: Mapping[str, np.ndarray]) -> Scores:
+        groups = [g for g in analysis.groups if g.prunable]
+        if not groups:
+            return {}
+        macs, params = analysis.freed("macs"), analysis.freed("params")
+        w = {g.id: member_reduce(g, weights, WEIGHT_ROLES, lambda x: np.abs(x).mean(axis=1)) for g in groups}
+
+        def gmax(d):
+            return max(float(np.max(d[g.id])) for g in groups) or 1.0
+
+        m = {g.id: macs[g.id] for g in groups}
+        p = {g.id: params[g.id] for g in groups}
+        wm, mm, pm = gmax(w), gmax(m), gmax(p)
+        return {g.id: (w[g.id] / wm) / (np.maximum(m[g.id] / mm, _EPS) ** self.a *
+                                       np.maximum(p[g.id] / pm, _EPS) ** self.b)
+                for g in groups}

@@ -1,0 +1,205 @@
+"""The compress pipeline: load -> canonicalize -> analyze -> score -> plan -> apply ->
+verify -> bench -> report -> save. Each stage is a function of the public API; this
+module only chains them, times them and collects the report."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxprune.analysis import Analysis, analyze
+from onnxprune.bench import measure_latency
+from onnxprune.canonicalize import canonicalize
+from onnxprune.criteria import get_criterion
+from onnxprune.errors import OutputPathError, PlanError
+from onnxprune.inputs import resolve_input_shapes
+from onnxprune.io import default_output_path, load_model, save_model
+from onnxprune.planning import PlanOptions, PruningPlan, Target, TargetKind, make_plan
+from onnxprune.report import CompressReport, GroupRow
+from onnxprune.shapes import measure_shapes
+from onnxprune.surgery import apply_plan
+from onnxprune.verify import VerifyResult, verify
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A loaded, canonical, analysed model.
+
+    Attributes:
+        original: the model as loaded.
+        model: its canonical form (what is scored and cut).
+        input_shapes: concrete shape of every graph input used for shapes and checks.
+        analysis: channel groups and costs of ``model``.
+        stage_seconds: wall time of load, canonicalize and analyze.
+        warnings: notes from canonicalisation.
+    """
+
+    original: onnx.ModelProto
+    model: onnx.ModelProto
+    input_shapes: Mapping[str, tuple[int, ...]]
+    analysis: Analysis
+    stage_seconds: Mapping[str, float]
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CompressOptions:
+    """Options of :func:`compress`.
+
+    Attributes:
+        criterion: a data-free criterion name (``l1``, ``l2``, ``bn``, ``cpmc``, ``random``).
+        target: what to reach (default: keep 70% of the MACs).
+        plan: planner options (scope, round_to, caps, exclusions).
+        input_shapes: overrides of graph input shapes (symbolic dims default to batch 1
+            and 224 elsewhere).
+        seed: seed of random inputs and of the ``random`` criterion.
+        criterion_args: extra keyword arguments of the criterion (e.g. ``{"a": 0.5}`` for cpmc).
+        strict_target: fail with PlanError instead of stopping at the reachable figure.
+        bench: measure onnxruntime CPU latency before and after.
+        bench_warmup / bench_repeat / threads: latency measurement settings.
+    """
+
+    criterion: str = "l1"
+    target: Target = Target(TargetKind.MACS, 0.7)
+    plan: PlanOptions = PlanOptions()
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None
+    seed: int = 0
+    criterion_args: Mapping[str, float] = field(default_factory=dict)
+    strict_target: bool = False
+    bench: bool = True
+    bench_warmup: int = 5
+    bench_repeat: int = 30
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    """Outcome of :func:`compress`: the pruned model (also written to ``report.output_path``)."""
+
+    model: onnx.ModelProto
+    plan: PruningPlan
+    analysis: Analysis
+    verify: VerifyResult
+    report: CompressReport
+
+
+@contextmanager
+def _timed(times: dict[str, float], stage: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[stage] = times.get(stage, 0.0) + time.perf_counter() - t0
+
+
+def prepare(path: str | os.PathLike, input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Prepared:
+    """Load, canonicalize and analyse a model file.
+
+    Raises:
+        ModelLoadError / UnsupportedModelError: bad file; InputShapeError: bad shapes.
+    """
+    times: dict[str, float] = {}
+    with _timed(times, "load"):
+        original = load_model(path)
+    with _timed(times, "canonicalize"):
+        canon = canonicalize(original)
+    with _timed(times, "analyze"):
+        shapes_in = resolve_input_shapes(canon.model, input_shapes)
+        shapes = measure_shapes(canon.model, shapes_in)
+        analysis = analyze(canon.model, shapes)
+    return Prepared(original, canon.model, shapes_in, analysis, times, tuple(canon.warnings))
+
+
+def weights_of(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Initializer name -> numpy array (float and integer constants alike)."""
+    return {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+
+
+def count_model(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, int]:
+    """(MACs, params) of any model at the given input shapes (conv/linear MACs; float params)."""
+    a = analyze(model, measure_shapes(model, input_shapes))
+    return a.count("macs"), a.count("params")
+
+
+def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | None = None,
+             options: CompressOptions = CompressOptions()) -> CompressResult:
+    """Prune ``input_path`` to ``options.target`` and write the result atomically.
+
+    Args:
+        input_path: an ONNX file (external data beside it is loaded).
+        output_path: where to write; default ``<stem>.pruned.onnx`` beside the input.
+        options: see :class:`CompressOptions`.
+
+    Raises:
+        OnnxPruneError subclasses: bad file, bad shapes, unreachable target with
+        ``strict_target``, an output path equal to the input, or a failed verification.
+        Nothing is written unless every stage succeeded.
+    """
+    input_path = Path(input_path)
+    out_path = Path(output_path) if output_path is not None else default_output_path(input_path)
+    if out_path.exists() and input_path.exists() and os.path.samefile(out_path, input_path):
+        raise OutputPathError(f"{out_path}: output path is the input model; choose another -o")
+    crit_args = dict(options.criterion_args)
+    if options.criterion == "random":
+        crit_args.setdefault("seed", options.seed)
+    criterion = get_criterion(options.criterion, **crit_args)
+
+    prep = prepare(input_path, options.input_shapes)
+    times = dict(prep.stage_seconds)
+    a = prep.analysis
+    with _timed(times, "score"):
+        scores = criterion.score(a, weights_of(prep.model))
+    with _timed(times, "plan"):
+        plan = make_plan(a, scores, options.target, options.plan, normalize=criterion.normalize)
+        plan.validate(a)
+    if plan.reachable is not None and options.strict_target:
+        raise PlanError(plan.warnings[0])
+    with _timed(times, "apply"):
+        pruned = apply_plan(prep.model, a, {g: np.asarray(v) for g, v in plan.removed.items()})
+    with _timed(times, "verify"):
+        result = verify(pruned, prep.original, prep.input_shapes, seed=options.seed)
+        macs_after, params_after = count_model(pruned, prep.input_shapes)
+    warnings = list(prep.warnings) + list(plan.warnings)
+    if abs(macs_after - plan.macs_after) > 0.005 * max(plan.macs_after, 1):
+        warnings.append(f"measured MACs after pruning ({macs_after}) differ from the plan's ({plan.macs_after})")
+    lat_before = lat_after = None
+    if options.bench:
+        with _timed(times, "bench"):
+            kw = dict(warmup=options.bench_warmup, repeat=options.bench_repeat, threads=options.threads,
+                      seed=options.seed)
+            lat_before = measure_latency(prep.original, prep.input_shapes, **kw)
+            lat_after = measure_latency(pruned, prep.input_shapes, **kw)
+        if lat_after.median_ms >= lat_before.median_ms:
+            warnings.append("the pruned model is not faster than the original on CPUExecutionProvider")
+    with _timed(times, "save"):
+        save_model(pruned, out_path, input_path=input_path)
+    report = CompressReport(
+        input_path=str(input_path), output_path=str(out_path), criterion=options.criterion,
+        target=str(options.target), macs_before=a.count("macs"), macs_after=macs_after,
+        params_before=a.count("params"), params_after=params_after,
+        latency_before=lat_before, latency_after=lat_after, groups=group_rows(a, plan),
+        stage_seconds=times,
+        reachable=None if plan.reachable is None else f"{plan.target.kind.value}={plan.reachable:.3f}",
+        warnings=tuple(warnings), fidelity=result.to_dict())
+    return CompressResult(pruned, plan, a, result, report)
+
+
+def group_rows(analysis: Analysis, plan: PruningPlan | None = None) -> tuple[GroupRow, ...]:
+    """One report row per group: kept/total channels and why it is blocked."""
+    rows = []
+    for g in analysis.groups:
+        kept = g.size - (len(plan.removed.get(g.id, ())) if plan else 0)
+        rows.append(GroupRow(g.name, g.op, kept, g.size, g.blocked_reason))
+    return tuple(rows)
+
+
+__all__ = ["CompressOptions", "CompressResult", "Prepared", "compress", "count_model", "group_rows",
+           "prepare", "weights_of"]
+

@@ -1,0 +1,173 @@
+"""Turn channel scores into a :class:`PruningPlan` that meets a target.
+
+Rules, in order:
+1. Candidates: groups that are prunable (not blocked), scored by the criterion (a
+   criterion may leave a group unscored, e.g. ``bn`` where no BN exists), and with no
+   member node matching an ``exclude`` pattern.
+2. Global scope: channels of all candidates are ranked by normalised score (each
+   group's scores divided by their mean, unless the criterion is already globally
+   normalised), and the k lowest are taken; layer scope: every group loses the same
+   fraction of its channels.
+3. Per group the count is capped (``max_layer_ratio``, ``min_channels``, never the last
+   channel) and rounded so the kept count is a multiple of ``round_to`` and of the
+   group's grouped-conv blocks; the lowest-scored channels go (per block, in grouped
+   groups).
+4. For MACs/params targets, k (or the layer fraction) is found by bisection on the
+   exact predicted count; when even the largest removal misses the target, the plan
+   keeps that largest removal and records the reachable fraction and a warning.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from onnxprune.analysis.groups import Analysis, ChannelGroup
+from onnxprune.planning.plan import PlanOptions, PruningPlan, Scope, Target, TargetKind
+
+
+def _excluded(g: ChannelGroup, patterns: tuple[str, ...]) -> bool:
+    names = (g.name,) + g.nodes()
+    return any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
+
+
+def _max_removal(g: ChannelGroup, opts: PlanOptions) -> int:
+    cap = int(math.floor(g.size * opts.max_layer_ratio + 1e-9))
+    min_keep = max(opts.min_channels, g.blocks)
+    if opts.round_to > 1 and g.size > opts.round_to:
+        min_keep = max(min_keep, opts.round_to)
+    return max(0, min(cap, g.size - min_keep))
+
+
+def _round_removal(g: ChannelGroup, r: int, cap: int, opts: PlanOptions) -> int:
+    """Largest removal <= min(r, cap) whose kept count honours round_to and blocks."""
+    step = g.blocks
+    if opts.round_to > 1 and g.size > opts.round_to:
+        step = math.lcm(step, opts.round_to)
+    r = min(r, cap)
+    while r > 0 and (g.size - r) % step != 0:
+        r -= 1
+    return r
+
+
+def _choose(g: ChannelGroup, scores: np.ndarray, r: int) -> np.ndarray:
+    if r <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if g.blocks == 1:
+        return np.sort(np.argsort(scores, kind="stable")[:r]).astype(np.int64)
+    per = g.size // g.blocks
+    out = []
+    for b in range(g.blocks):
+        s = scores[b * per:(b + 1) * per]
+        out.append(b * per + np.argsort(s, kind="stable")[: r // g.blocks])
+    return np.sort(np.concatenate(out)).astype(np.int64)
+
+
+def make_plan(analysis: Analysis, scores: Mapping[int, np.ndarray | None], target: Target,
+              options: PlanOptions = PlanOptions(), *, normalize: bool = True) -> PruningPlan:
+    """Plan which channels to remove to meet ``target``.
+
+    Args:
+        analysis: the model's channel analysis.
+        scores: ``{group id: float [size]}``, higher = more important; None or a
+            missing id leaves the group whole.
+        target: channels removed (``ratio``) or MACs/params kept.
+        options: planner options (scope, round_to, caps, exclusions).
+        normalize: divide each group's scores by their mean before global ranking
+            (False for criteria that are already comparable across groups).
+
+    Returns:
+        The plan, with predicted MACs/params and, when the target is out of reach, the
+        reachable fraction and a warning.
+    """
+    cands = [g for g in analysis.groups
+             if g.prunable and scores.get(g.id) is not None and not _excluded(g, options.exclude)]
+    caps = {g.id: _max_removal(g, options) for g in cands}
+    cands = [g for g in cands if caps[g.id] > 0]
+    sc = {g.id: np.asarray(scores[g.id], dtype=np.float64).reshape(-1) for g in cands}
+    for g in cands:
+        if sc[g.id].shape != (g.size,):
+            raise ValueError(f"criterion gave {sc[g.id].shape} scores for group {g.name} of size {g.size}")
+
+    if options.scope is Scope.GLOBAL:
+        keys, owners = [], []
+        for g in cands:
+            s = sc[g.id]
+            mean = float(np.abs(s).mean())
+            norm = s / mean if (normalize and mean > 0) else s
+            # the channels a group can lose are its lowest-scored ones, in order
+            order = np.sort(norm)[: caps[g.id]]
+            keys.append(order)
+            owners.append(np.full(len(order), g.id))
+        keys_a = np.concatenate(keys) if keys else np.zeros(0)
+        owners_a = np.concatenate(owners) if owners else np.zeros(0, dtype=np.int64)
+        rank = owners_a[np.argsort(keys_a, kind="stable")]
+        n_max = len(rank)
+
+        def counts_for(k: int) -> dict[int, int]:
+            return dict(zip(*np.unique(rank[:k], return_counts=True))) if k else {}
+    else:
+        n_max = 10_000
+
+        def counts_for(k: int) -> dict[int, int]:
+            f = k / n_max
+            return {g.id: int(math.floor(g.size * f + 1e-9)) for g in cands}
+
+    def removal(k: int) -> dict[int, np.ndarray]:
+        out = {}
+        for gid, r in counts_for(k).items():
+            g = analysis.groups[int(gid)]
+            r = _round_removal(g, int(r), caps[g.id], options)
+            if r > 0:
+                out[g.id] = _choose(g, sc[g.id], r)
+        return out
+
+    macs0, params0 = analysis.count("macs"), analysis.count("params")
+    total = sum(g.size for g in analysis.groups if g.prunable) or 1
+
+    def measure(rem: dict[int, np.ndarray]) -> float:
+        if target.kind is TargetKind.RATIO:
+            return 1.0 - sum(len(v) for v in rem.values()) / total  # fraction kept
+        elems = analysis.removed_elements(rem)
+        if target.kind is TargetKind.MACS:
+            return analysis.count("macs", elems) / max(macs0, 1)
+        return analysis.count("params", elems) / max(params0, 1)
+
+    goal = 1.0 - target.value if target.kind is TargetKind.RATIO else target.value
+    k = _bisect(lambda k: measure(removal(k)) <= goal + 1e-12, n_max)
+    warnings: list[str] = []
+    reachable = None
+    rem = removal(k)
+    achieved = measure(rem)
+    if achieved > goal + 1e-9:
+        reachable = 1.0 - achieved if target.kind is TargetKind.RATIO else achieved
+        warnings.append(
+            f"target {target} is out of reach: blocked or capped groups allow at best "
+            f"{target.kind.value}={reachable:.3f}")
+    elems = analysis.removed_elements(rem)
+    return PruningPlan(
+        removed={gid: tuple(int(i) for i in v) for gid, v in rem.items()},
+        group_names={g.id: g.name for g in analysis.groups},
+        group_sizes={g.id: g.size for g in analysis.groups},
+        macs_before=macs0, macs_after=analysis.count("macs", elems),
+        params_before=params0, params_after=analysis.count("params", elems),
+        target=target, reachable=reachable, warnings=tuple(warnings))
+
+
+def _bisect(ok: Callable[[int], bool], n_max: int) -> int:
+    """Smallest k in [0, n_max] with ok(k), assuming monotonicity; n_max when none."""
+    if ok(0):
+        return 0
+    if not ok(n_max):
+        return n_max
+    lo, hi = 0, n_max  # ok(lo) false, ok(hi) true
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
