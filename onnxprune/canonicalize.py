@@ -18,7 +18,9 @@ c. ``Identity`` nodes are removed and their consumers rewired to the Identity's
    a graph input or initializer to a graph output, or one output to another, stays.
 d. Constant folding of every node whose inputs are all constants, with
    onnx-graphsurgeon ``fold_constants()`` then ``cleanup()`` (dead nodes and unused
-   initializers go). No operator fusion of any kind happens: BatchNormalization on
+   initializers go). Shape ops are folded only where the dims they read are static,
+   so a symbolic batch dim stays dynamic. Random ops and (de)quantization ops are
+   never folded. The folded graph is adopted only when it has fewer nodes. No operator fusion of any kind happens: BatchNormalization on
    activations stays, Conv+BN are not merged, graph inputs and outputs keep their
    names and what the model computes does not change.
 e. Every node gets a unique, non-empty name; unnamed or duplicate-named nodes are
@@ -50,6 +52,11 @@ __all__ = ["CanonicalResult", "canonicalize"]
 _MAX_MATERIALIZED_ELEMENTS = 1 << 28
 # Initializers above this size are left out of shape inference (they are weights, not shapes).
 _SKELETON_MAX_ELEMENTS = 1 << 12
+# Nondeterministic ops: folding them would freeze one random draw into the model.
+_NEVER_FOLD = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+    | {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+)
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,13 @@ class CanonicalResult:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _first_line(exc: BaseException) -> str:
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
 
 
 def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
@@ -148,13 +162,12 @@ def _used_names(graph: onnx.GraphProto) -> set[str]:
 def _drop_initializer_inputs(model: onnx.ModelProto) -> list[str]:
     graph = model.graph
     inits = {t.name for t in graph.initializer}
-    keep = [i for i in graph.input if i.name not in inits]
-    dropped = len(graph.input) - len(keep)
-    if not dropped:
+    dup = [i for i, vi in enumerate(graph.input) if vi.name in inits]
+    if not dup:
         return []
-    del graph.input[:]
-    graph.input.extend(keep)
-    changes = [f"removed {dropped} initializer(s) duplicated in graph.input"]
+    for i in reversed(dup):
+        del graph.input[i]
+    changes = [f"removed {len(dup)} initializer(s) duplicated in graph.input"]
     if model.ir_version < 4:
         changes.append(f"raised IR version {model.ir_version} -> 4 (initializers are no longer graph inputs)")
         model.ir_version = 4
@@ -225,24 +238,27 @@ def _constants_to_initializers(model: onnx.ModelProto) -> list[str]:
     outputs = {o.name for o in graph.output}
     inits = {t.name: t for t in graph.initializer}
     counts = {"Constant": 0, "ConstantOfShape": 0}
-    kept: list[onnx.NodeProto] = []
-    for node in graph.node:
+    converted: list[int] = []
+    for idx, node in enumerate(graph.node):
         tensor = None
-        if node.domain in ("", "ai.onnx") and len(node.output) == 1 and node.output[0] not in outputs:
+        if (
+            node.domain in ("", "ai.onnx")
+            and len(node.output) == 1
+            and node.output[0] not in outputs
+            and node.output[0] not in inits
+        ):
             if node.op_type == "Constant":
                 tensor = _constant_tensor(node)
             elif node.op_type == "ConstantOfShape":
                 tensor = _constant_of_shape_tensor(node, inits)
         if tensor is None:
-            kept.append(node)
             continue
         graph.initializer.append(tensor)
         inits[tensor.name] = graph.initializer[-1]
         counts[node.op_type] += 1
-    if not any(counts.values()):
-        return []
-    del graph.node[:]
-    graph.node.extend(kept)
+        converted.append(idx)
+    for idx in reversed(converted):
+        del graph.node[idx]
     return [f"turned {n} {op} node(s) into initializers" for op, n in counts.items() if n]
 
 
@@ -284,9 +300,25 @@ def _remove_identities(model: onnx.ModelProto) -> list[str]:
 # --------------------------------------------------------------------------- rule d
 
 
-def _fold_constants(model: onnx.ModelProto) -> list[str]:
+def _may_fold(graph: onnx.GraphProto) -> bool:
+    """Cheap pre-check: is there any node graphsurgeon could fold?"""
+    consts = {t.name for t in graph.initializer} | {""}
+    for node in graph.node:
+        if node.op_type in _NEVER_FOLD:
+            continue
+        if node.op_type in ("Shape", "Size", "Constant") or all(i in consts for i in node.input):
+            return True
+        if any(True for _ in _subgraphs(node)):
+            return True
+    return False
+
+
+def _fold_constants(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """Rule d, in place. Returns ``(changes, warnings)``."""
     import onnx_graphsurgeon as gs
 
+    if not _may_fold(model.graph):
+        return [], []
     before = len(model.graph.node)
     in_names = [i.name for i in model.graph.input]
     out_names = [o.name for o in model.graph.output]
@@ -295,26 +327,33 @@ def _fold_constants(model: onnx.ModelProto) -> list[str]:
     logger.severity = logger.ERROR
     try:
         graph = gs.import_onnx(model)
-        graph.fold_constants(fold_shapes=True, recurse_subgraphs=True, error_ok=True, recurse_functions=False)
+        graph.fold_constants(
+            fold_shapes=True,
+            recurse_subgraphs=True,
+            error_ok=True,
+            recurse_functions=False,
+            should_exclude_node=lambda node: node.op in _NEVER_FOLD,
+        )
         graph.cleanup(remove_unused_graph_inputs=False, recurse_functions=False)
         folded = gs.export_onnx(graph, do_type_check=False)
     except Exception as exc:  # graphsurgeon failing must not block the pipeline
-        return [f"__warning__constant folding skipped ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"]
+        return [], [f"constant folding skipped ({_first_line(exc)})"]
     finally:
         logger.severity = old_severity
     if [i.name for i in folded.graph.input] != in_names or [o.name for o in folded.graph.output] != out_names:
-        return ["__warning__constant folding skipped (it would rename graph inputs or outputs)"]
+        return [], ["constant folding skipped (it would rename graph inputs or outputs)"]
     after = len(folded.graph.node)
     if after >= before:
-        return []
-    # Keep inputs/outputs exactly as declared (graphsurgeon may rewrite their shapes).
+        return [], []
+    # Keep inputs/outputs exactly as declared (graphsurgeon may rewrite their shapes);
+    # the rest of the model (IR version, opsets, metadata, functions) is untouched.
     new_graph = folded.graph
     del new_graph.input[:]
     new_graph.input.extend(model.graph.input)
     del new_graph.output[:]
     new_graph.output.extend(model.graph.output)
     model.graph.CopyFrom(new_graph)
-    return [f"folded constants: {before} -> {after} nodes"]
+    return [f"folded constants: {before} -> {after} nodes"], []
 
 
 # --------------------------------------------------------------------------- rule e
@@ -388,10 +427,9 @@ def _toposort(model: onnx.ModelProto) -> list[str]:
 def _prune_value_info(model: onnx.ModelProto) -> None:
     graph = model.graph
     produced = {o for n in graph.node for o in n.output if o}
-    keep = [v for v in graph.value_info if v.name in produced]
-    if len(keep) != len(graph.value_info):
-        del graph.value_info[:]
-        graph.value_info.extend(keep)
+    stale = [i for i, v in enumerate(graph.value_info) if v.name not in produced]
+    for i in reversed(stale):
+        del graph.value_info[i]
 
 
 def _infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
@@ -412,8 +450,7 @@ def _infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
     except Exception as exc:  # inference is a convenience: never fatal
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return model, [f"shape inference failed: {first}"]
+        return model, [f"shape inference failed: {_first_line(exc)}"]
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
     return model, []
@@ -457,11 +494,9 @@ def canonicalize(model: onnx.ModelProto, *, fold: bool = True) -> CanonicalResul
     changes += _constants_to_initializers(work)
     changes += _remove_identities(work)
     if fold:
-        for item in _fold_constants(work):
-            if item.startswith("__warning__"):
-                warnings.append(item[len("__warning__"):])
-            else:
-                changes.append(item)
+        fold_changes, fold_warnings = _fold_constants(work)
+        changes += fold_changes
+        warnings += fold_warnings
     changes += _drop_unused_initializers(work)
     changes += _name_nodes(work)
     changes += _toposort(work)

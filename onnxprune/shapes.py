@@ -36,26 +36,22 @@ def _fmt_shapes(shapes: Mapping[str, tuple[int, ...]]) -> str:
     return ", ".join(f"{n}={'x'.join(str(d) for d in s) or 'scalar'}" for n, s in shapes.items())
 
 
-def _probe_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """Copy of ``model`` whose graph outputs are every node output (names in order)."""
+def _probe_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy of ``model`` whose graph outputs are every node output of the top-level graph."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     graph = probe.graph
     existing = {o.name for o in graph.output}
     # Declared value_info can be wrong (exporters) and clash with what ORT infers; drop it.
     del graph.value_info[:]
-    names: list[str] = []
-    seen: set[str] = set()
     for node in graph.node:
         for out in node.output:
-            if out and out not in seen:
-                seen.add(out)
-                names.append(out)
-                if out not in existing:
-                    vi = onnx.ValueInfoProto()
-                    vi.name = out  # no type: onnxruntime takes it from its own inference
-                    graph.output.append(vi)
-    return probe, names
+            if out and out not in existing:
+                existing.add(out)
+                vi = onnx.ValueInfoProto()
+                vi.name = out  # no type: onnxruntime takes it from its own inference
+                graph.output.append(vi)
+    return probe
 
 
 def _session(probe: onnx.ModelProto):
@@ -63,7 +59,7 @@ def _session(probe: onnx.ModelProto):
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # failures are reported by our own exception
     if probe.ByteSize() < _PROTO_LIMIT:
         return ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(prefix="onnxprune-shapes-") as tmp:
@@ -113,7 +109,7 @@ def measure_shapes(
         shapes[init.name] = tuple(int(d) for d in init.dims)
 
     feeds = make_inputs(model, shapes, seed=seed)
-    probe, names = _probe_model(model)
+    probe = _probe_model(model)
     try:
         sess = _session(probe)
     except Exception as exc:
@@ -128,5 +124,4 @@ def measure_shapes(
     for name, value in zip(out_names, values):
         if isinstance(value, np.ndarray):
             shapes.setdefault(name, tuple(int(d) for d in value.shape))
-    del names
     return shapes

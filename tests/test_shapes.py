@@ -1,0 +1,111 @@
+"""Tests of onnxprune.shapes.measure_shapes against shapes onnxruntime reports."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune.errors import InputShapeError
+from onnxprune.inputs import make_inputs
+from onnxprune.shapes import measure_shapes
+
+RNG = np.random.default_rng(0)
+
+
+def _init(name, shape, dtype=np.float32):
+    return numpy_helper.from_array((RNG.standard_normal(shape) * 0.1).astype(dtype), name)
+
+
+def conv_model() -> onnx.ModelProto:
+    """Conv(5x5) -> MaxPool (optional Indices output empty) -> Resize x2 -> Flatten -> Gemm; symbolic H, W."""
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", kernel_shape=[5, 5]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("MaxPool", ["r"], ["p", ""], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Resize", ["p", "", "scales"], ["up"], name="resize", mode="nearest"),
+        helper.make_node("GlobalAveragePool", ["up"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc_w"], ["y"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        [_init("w", (8, 3, 5, 5)), _init("b", (8,)), _init("fc_w", (10, 8)), scales],
+    )
+    # a wrong declared value_info must not disturb the measurement
+    graph.value_info.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 8, 99, 99]))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def _ort_shapes(model: onnx.ModelProto, feeds) -> dict[str, tuple[int, ...]]:
+    """Shapes straight from onnxruntime, one node output at a time added as a graph output."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.value_info[:]
+    names = [o for n in probe.graph.node for o in n.output if o]
+    for name in names:
+        if name not in {o.name for o in probe.graph.output}:
+            probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = sess.run(names, feeds)
+    return {n: tuple(v.shape) for n, v in zip(names, outs)}
+
+
+def test_measure_matches_onnxruntime():
+    model = conv_model()
+    before = model.SerializeToString()
+    shapes = measure_shapes(model, {"x": (2, 3, 20, 16)})
+    assert model.SerializeToString() == before, "the model must not be modified"
+    feeds = make_inputs(model, {"x": (2, 3, 20, 16)})
+    expected = _ort_shapes(model, feeds)
+    for name, shape in expected.items():
+        assert shapes[name] == shape, name
+    assert shapes["c"] == (2, 8, 16, 12)
+    assert shapes["p"] == (2, 8, 8, 6)
+    assert shapes["up"] == (2, 8, 16, 12)
+    assert shapes["y"] == (2, 10)
+    # graph inputs and initializers too
+    assert shapes["x"] == (2, 3, 20, 16)
+    assert shapes["w"] == (8, 3, 5, 5) and shapes["scales"] == (4,)
+    assert "" not in shapes
+
+
+def test_measure_other_input_size():
+    shapes = measure_shapes(conv_model(), {"x": (1, 3, 9, 9)})
+    assert shapes["c"] == (1, 8, 5, 5) and shapes["p"] == (1, 8, 2, 2) and shapes["up"] == (1, 8, 4, 4)
+
+
+def test_measure_scalar_and_int_tensors():
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"], name="shape"),
+        helper.make_node("ReduceProd", ["s"], ["n"], name="prod", keepdims=0),
+        helper.make_node("Cast", ["n"], ["nf"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["x", "nf"], ["y"], name="mul"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    shapes = measure_shapes(model, {"x": (2, 3)})
+    assert shapes["s"] == (2,) and shapes["n"] == () and shapes["nf"] == () and shapes["y"] == (2, 3)
+
+
+def test_measure_too_small_input_raises_one_line():
+    with pytest.raises(InputShapeError, match=r"x=1x3x3x3") as info:
+        measure_shapes(conv_model(), {"x": (1, 3, 3, 3)})
+    assert "\n" not in str(info.value)
+
+
+def test_measure_input_shape_mismatch():
+    with pytest.raises(InputShapeError, match="no shape given for input"):
+        measure_shapes(conv_model(), {})
+    with pytest.raises(InputShapeError, match="unknown input"):
+        measure_shapes(conv_model(), {"x": (1, 3, 8, 8), "z": (1,)})
