@@ -108,6 +108,8 @@ def measure_latency(
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    # graph optimisers log through the default logger, not the session's
+    ort.set_default_logger_severity(3)
     if threads is not None:
         options.intra_op_num_threads = threads
 

@@ -225,3 +225,33 @@ def save_model(
         if tmp_dir is not None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
     return out
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a temp file in the same folder,
+    fsync, then :func:`os.replace`. Nothing is left behind on failure.
+
+    Raises:
+        OutputPathError: the folder does not exist or the file cannot be written.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise OutputPathError(f"{path}: cannot write ({exc.strerror or _one_line(exc)})") from exc
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise OutputPathError(f"{path}: cannot write ({exc.strerror or _one_line(exc)})") from exc
+        raise
+    return path

@@ -18,12 +18,10 @@ file is strict JSON.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from onnxprune.bench import LatencyStats, speedup
-from onnxprune.errors import OutputPathError
 
 __all__ = ["CompressReport", "GroupRow", "format_count"]
 
@@ -183,29 +180,14 @@ class CompressReport:
         return _jsonable(d)
 
     def write_json(self, path: str | os.PathLike) -> Path:
-        """Write ``to_dict()`` to ``path`` atomically (temp file in the same folder + os.replace)."""
-        path = Path(path)
-        directory = path.parent
-        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-        except OSError as exc:
-            raise OutputPathError(f"cannot write report {path}: {exc.strerror or exc}") from exc
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise OutputPathError(f"cannot write report {path}: {exc.strerror or exc}") from exc
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return path
+        """Write ``to_dict()`` to ``path`` atomically (see :func:`onnxprune.io.write_text_atomic`).
+
+        Raises:
+            OutputPathError: the folder does not exist or the file cannot be written.
+        """
+        from onnxprune.io import write_text_atomic
+
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
     # -------------------------------------------------------------------- rich
     def render(self, console: Console, *, verbose: bool = False) -> None:

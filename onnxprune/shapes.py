@@ -119,7 +119,8 @@ def measure_shapes(
         values = sess.run(out_names, feeds)
     except Exception as exc:
         raise InputShapeError(
-            f"the model does not run with input shapes {_fmt_shapes({n: shapes[n] for n in real})}: {_one_line(exc)}"
+            f"the model does not run with input shapes {_fmt_shapes({n: shapes[n] for n in real})} "
+            f"(give the right ones with --input-shape NAME:D0,D1,...): {_one_line(exc)}"
         ) from exc
     for name, value in zip(out_names, values):
         if isinstance(value, np.ndarray):

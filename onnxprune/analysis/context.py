@@ -145,6 +145,7 @@ class AnalysisContext:
     weights: list[WeightRecord] = field(default_factory=list)
     costs: list[CostTerm] = field(default_factory=list)
     block_requirements: list[tuple[str, np.ndarray, int]] = field(default_factory=list)
+    fixed: dict[tuple[str, int], np.ndarray] = field(default_factory=dict, repr=False)
 
     # ---- tensors -------------------------------------------------------------------
     def shape(self, t: gs.Tensor) -> tuple[int, ...] | None:
@@ -180,20 +181,35 @@ class AnalysisContext:
         return elems
 
     def get_or_fixed(self, node: gs.Node, t: gs.Tensor, axis: int, why: str) -> np.ndarray:
-        """Elements of ``t`` along ``axis``; a fresh blocked allocation when untracked.
+        """Elements of ``t`` along ``axis``; a fixed (blocked) allocation when untracked.
 
         Used where an op must align an untracked tensor with tracked ones: the tracked
-        side then inherits the block (an untracked tensor cannot be sliced).
+        side then inherits the block (an untracked tensor cannot be sliced). The fixed
+        allocation is named after the tensor's producer (or the tensor, for graph inputs
+        and constants) and shared by every reader of the same tensor and axis. When
+        ``t`` is tracked on another axis, its own channels are blocked too: the op would
+        see that axis shrink (a Conv reading a transposed tensor as if it were NCHW).
         """
         tc = self.get(t)
         if tc is not None and tc.axis == axis:
             return tc.elems
+        if tc is not None:
+            why = (f"{node.op} {node.name} reads {t.name} along axis {axis} but its channels "
+                   f"lie on axis {tc.axis}")
+            self.space.block(tc.elems, why)
+        key = (t.name, axis)
+        if t.name and key in self.fixed:
+            return self.fixed[key]
         shp = self.shape(t)
         if shp is None:
             raise KeyError(t.name)
         is_input = any(t.name == i.name for i in self.graph.inputs)
-        elems = self.space.allocate(shp[axis], t.name if is_input else node.name, t.name or node.name)
+        producer = t.inputs[0].name if isinstance(t, gs.Variable) and t.inputs else ""
+        owner = t.name if is_input or not producer else producer
+        elems = self.space.allocate(shp[axis], owner or node.name, t.name or node.name)
         self.space.block(elems, f"graph input {t.name} has fixed channels" if is_input else why)
+        if t.name:
+            self.fixed[key] = elems
         return elems
 
     def block(self, t: gs.Tensor, reason: str) -> None:

@@ -53,6 +53,9 @@ class ChannelGroup:
         blocked_reason: why the group cannot be pruned, or None.
         blocks: channels form ``blocks`` equal contiguous blocks from each of which the
             same number must be kept (grouped convolution); 1 otherwise.
+        keep_one_of: sorted channel index arrays, from each of which at least one channel
+            must be kept: the channels of a tensor that holds only part of the group
+            (a Split or Slice output), which must not become empty.
     """
 
     id: int
@@ -62,6 +65,7 @@ class ChannelGroup:
     members: tuple[Member, ...]
     blocked_reason: str | None = None
     blocks: int = 1
+    keep_one_of: tuple[np.ndarray, ...] = ()
 
     @property
     def prunable(self) -> bool:
@@ -177,6 +181,23 @@ class _DSU:
             self.p[max(ra, rb)] = min(ra, rb)
 
 
+def _partial_tensors(ctx: AnalysisContext, elem_group: np.ndarray, elem_channel: np.ndarray,
+                     sizes: list[int]) -> list[tuple[np.ndarray, ...]]:
+    """Per group, the channel sets of tensors that hold only part of it (must keep one)."""
+    found: list[dict[tuple[int, ...], np.ndarray]] = [{} for _ in sizes]
+    for tc in ctx.channels.values():
+        if len(tc.elems) == 0:
+            continue
+        gids = np.unique(elem_group[tc.elems])
+        if len(gids) != 1:
+            continue  # a tensor spanning groups: apply_plan still refuses to empty it
+        gid = int(gids[0])
+        chans = np.unique(elem_channel[tc.elems])
+        if len(chans) < sizes[gid]:
+            found[gid].setdefault(tuple(chans.tolist()), chans)
+    return [tuple(v for _, v in sorted(f.items())) for f in found]
+
+
 def build_analysis(ctx: AnalysisContext, float_constants: Mapping[str, int]) -> Analysis:
     """Turn the handlers' records into groups, members and cost terms.
 
@@ -248,7 +269,8 @@ def build_analysis(ctx: AnalysisContext, float_constants: Mapping[str, int]) -> 
             members[gid].append(Member(w.tensor, w.node, w.op, w.axis, w.role, pos.astype(np.int64),
                                        elem_channel[w.elems[pos]], w.rows))
 
-    groups = tuple(ChannelGroup(i, name, op, size, tuple(members[i]), reason, blocks)
+    keep_one = _partial_tensors(ctx, elem_group, elem_channel, [info[2] for info in infos])
+    groups = tuple(ChannelGroup(i, name, op, size, tuple(members[i]), reason, blocks, keep_one[i])
                    for i, (name, op, size, reason, blocks) in enumerate(infos))
     counted = {t.tensor for t in ctx.costs if t.kind == "params" and t.tensor}
     fixed = sum(n for name, n in float_constants.items() if name not in counted)

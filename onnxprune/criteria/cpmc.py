@@ -17,11 +17,11 @@ default. The paper's exact combination is not public to us: this is our reading.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from onnxprune.analysis.groups import Analysis
+from onnxprune.analysis.groups import Analysis, ChannelGroup
 from onnxprune.criteria.base import WEIGHT_ROLES, Scores, member_reduce
 
 _EPS = 1e-12
@@ -42,7 +42,7 @@ class CPMC:
         if not groups:
             return {}
         macs, params = analysis.freed("macs"), analysis.freed("params")
-        w = {g.id: member_reduce(g, weights, WEIGHT_ROLES, lambda x: np.abs(x).mean(axis=1)) for g in groups}
+        w = {g.id: _weight_term(g, weights) for g in groups}
 
         def gmax(d):
             return max(float(np.max(d[g.id])) for g in groups) or 1.0
@@ -53,3 +53,21 @@ class CPMC:
         return {g.id: (w[g.id] / wm) / (np.maximum(m[g.id] / mm, _EPS) ** self.a *
                                        np.maximum(p[g.id] / pm, _EPS) ** self.b)
                 for g in groups}
+
+
+def _weight_term(g: ChannelGroup, weights: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Per channel: sum over producer/consumer members of mean |w| of the channel's slice.
+
+    A channel may own several positions of one member (after Flatten, channel c is
+    H*W Gemm columns), so the mean is the member's L1 sum over all of them divided by
+    their total element count, not a sum of per-position means.
+    """
+    out = np.zeros(g.size, dtype=np.float64)
+    for m in g.members:
+        if m.role not in WEIGHT_ROLES:
+            continue
+        one = replace(g, members=(m,))
+        l1 = member_reduce(one, weights, WEIGHT_ROLES, lambda x: np.abs(x).sum(axis=1))
+        n = member_reduce(one, weights, WEIGHT_ROLES, lambda x: np.full(len(x), float(x.shape[1])))
+        out += np.divide(l1, n, out=np.zeros_like(l1), where=n > 0)
+    return out

@@ -23,7 +23,7 @@ from onnxprune.ops.registry import OpHandler, register
 from onnxprune.surgery.context import SurgeryContext
 
 
-def _kernel_area(w: np.ndarray) -> int:
+def _kernel_area(w) -> int:
     return int(math.prod(w.shape[2:])) if w.ndim > 2 else 1
 
 

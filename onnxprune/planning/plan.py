@@ -28,6 +28,13 @@ class Scope(str, Enum):
     LAYER = "layer"
 
 
+def _enum(cls, value, what: str):
+    try:
+        return cls(value)
+    except ValueError:
+        raise PlanError(f"unknown {what} {value!r}; choose from {', '.join(m.value for m in cls)}") from None
+
+
 @dataclass(frozen=True)
 class Target:
     """A pruning target: ``kind`` and a fraction in (0, 1).
@@ -40,6 +47,8 @@ class Target:
     value: float
 
     def __post_init__(self) -> None:
+        # the planner compares kinds with `is`: a plain string ("macs") must become the enum
+        object.__setattr__(self, "kind", _enum(TargetKind, self.kind, "target kind"))
         if not 0.0 < float(self.value) < 1.0:
             raise PlanError(f"target {self.kind.value}={self.value} must lie strictly between 0 and 1")
 
@@ -68,6 +77,8 @@ class PlanOptions:
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "scope", _enum(Scope, self.scope, "scope"))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
         if self.round_to < 1:
             raise PlanError(f"round_to must be >= 1, got {self.round_to}")
         if not 0.0 < self.max_layer_ratio <= 1.0:
@@ -121,9 +132,9 @@ class PruningPlan:
             if gid >= len(analysis.groups) or analysis.groups[gid].name != self.group_names.get(gid):
                 raise PlanError(f"plan names group {self.group_names.get(gid, gid)} which the model does not have")
             g = analysis.groups[gid]
-            if g.size != self.group_sizes[gid]:
-                raise PlanError(f"group {g.name} has {g.size} channels, the plan expects {self.group_sizes[gid]}")
-            if idx and g.blocked_reason:
+            if g.size != self.group_sizes.get(gid):
+                raise PlanError(f"group {g.name} has {g.size} channels, the plan expects {self.group_sizes.get(gid)}")
+            if len(idx) and g.blocked_reason:
                 raise PlanError(f"group {g.name} is blocked ({g.blocked_reason})")
             arr = np.asarray(idx, dtype=np.int64)
             if len(arr) and (arr.min() < 0 or arr.max() >= g.size or len(set(idx)) != len(idx)):
@@ -156,7 +167,10 @@ class PruningPlan:
             for g in d["groups"]:
                 gid = int(g["id"])
                 names[gid], sizes[gid] = str(g["name"]), int(g["size"])
-                gone = sorted(set(range(sizes[gid])) - {int(i) for i in g["kept"]})
+                kept = {int(i) for i in g["kept"]}
+                if any(not 0 <= i < sizes[gid] for i in kept):
+                    raise ValueError(f"group {names[gid]}: kept indices must lie in [0, {sizes[gid]})")
+                gone = sorted(set(range(sizes[gid])) - kept)
                 if gone:
                     removed[gid] = tuple(gone)
             t = d.get("target")

@@ -36,34 +36,54 @@ def _excluded(g: ChannelGroup, patterns: tuple[str, ...]) -> bool:
 
 def _max_removal(g: ChannelGroup, opts: PlanOptions) -> int:
     cap = int(math.floor(g.size * opts.max_layer_ratio + 1e-9))
-    min_keep = max(opts.min_channels, g.blocks)
-    if opts.round_to > 1 and g.size > opts.round_to:
-        min_keep = max(min_keep, opts.round_to)
+    # a kept count that is a positive multiple of round_to is at least round_to, so a
+    # group of round_to channels or fewer is left whole
+    min_keep = max(opts.min_channels, g.blocks, opts.round_to)
     return max(0, min(cap, g.size - min_keep))
 
 
 def _round_removal(g: ChannelGroup, r: int, cap: int, opts: PlanOptions) -> int:
     """Largest removal <= min(r, cap) whose kept count honours round_to and blocks."""
-    step = g.blocks
-    if opts.round_to > 1 and g.size > opts.round_to:
-        step = math.lcm(step, opts.round_to)
+    step = math.lcm(g.blocks, opts.round_to)
     r = min(r, cap)
     while r > 0 and (g.size - r) % step != 0:
         r -= 1
     return r
 
 
+def _lowest(candidates: np.ndarray, scores: np.ndarray, r: int, sets: list[np.ndarray]) -> list[int]:
+    """Up to ``r`` of ``candidates``, lowest score first, never the last kept of a set."""
+    left = [len(s) for s in sets]
+    member = [[k for k, st in enumerate(sets) if c in st] for c in range(len(scores))] if sets else None
+    out: list[int] = []
+    for c in candidates[np.argsort(scores[candidates], kind="stable")].tolist():
+        if len(out) == r:
+            break
+        if member is not None and any(left[k] == 1 for k in member[c]):
+            continue
+        if member is not None:
+            for k in member[c]:
+                left[k] -= 1
+        out.append(c)
+    return out
+
+
 def _choose(g: ChannelGroup, scores: np.ndarray, r: int) -> np.ndarray:
+    """The ``r`` lowest-scored channels (``r / blocks`` per block in grouped groups),
+    skipping any channel whose removal would empty a tensor holding part of the group
+    (:attr:`ChannelGroup.keep_one_of`)."""
     if r <= 0:
         return np.zeros(0, dtype=np.int64)
-    if g.blocks == 1:
-        return np.sort(np.argsort(scores, kind="stable")[:r]).astype(np.int64)
+    sets = [set(s.tolist()) for s in g.keep_one_of]
     per = g.size // g.blocks
-    out = []
+    out: list[int] = []
     for b in range(g.blocks):
-        s = scores[b * per:(b + 1) * per]
-        out.append(b * per + np.argsort(s, kind="stable")[: r // g.blocks])
-    return np.sort(np.concatenate(out)).astype(np.int64)
+        out += _lowest(np.arange(b * per, (b + 1) * per), scores, r // g.blocks, sets)
+    if g.blocks > 1:  # every block must lose the same number
+        counts = np.bincount(np.asarray(out, dtype=np.int64) // per, minlength=g.blocks)
+        k = int(counts.min())
+        out = [c for b in range(g.blocks) for c in [x for x in out if x // per == b][:k]]
+    return np.sort(np.asarray(out, dtype=np.int64))
 
 
 def make_plan(analysis: Analysis, scores: Mapping[int, np.ndarray | None], target: Target,

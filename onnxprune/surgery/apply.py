@@ -72,8 +72,11 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, removed: Mapping[int,
             raise SurgeryError(f"group {g.name} is blocked: {g.blocked_reason}")
         if len(set(np.asarray(idx).tolist())) >= g.size:
             raise SurgeryError(f"group {g.name} would lose all {g.size} channels")
-    graph = gs.import_onnx(model)
     removed_elems = analysis.removed_elements(removed)
+    for name, tc in analysis.channels.items():
+        if len(tc.elems) and removed_elems[tc.elems].all():
+            raise SurgeryError(f"the plan removes every channel of tensor {name}")
+    graph = gs.import_onnx(model)
     ctx = SurgeryContext(analysis.channels, removed_elems, analysis.shapes, analysis.opset)
     for node in graph.nodes:
         handler = get_handler(node.op, analysis.opset, node.domain or "")

@@ -1,0 +1,142 @@
+"""Torch evaluation of an ONNX graph, node by node, for gradient-based criteria.
+
+Every float initializer becomes an ``nn.Parameter`` reachable under its ONNX name
+(:meth:`TorchGraph.parameter`); integer constants stay plain tensors. Each node is
+evaluated by its op handler's ``evaluate`` method (the same handler that knows the op's
+channel rules, see :mod:`onnxprune.ops`). A *channel gate* (a multiplicative mask along
+a tensor's channel axis) can be put on any activation tensor, which is how Taylor and
+IFSO differentiate the loss with respect to channels.
+
+No torchvision or onnx2torch: the ops are written with ``torch`` functional calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+from torch import nn
+
+from onnxprune.analysis.analyze import model_opset
+from onnxprune.errors import UnsupportedModelError
+from onnxprune.ops.registry import get_evaluator
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """What an op's ``evaluate`` may need beyond its inputs: the model's opset."""
+
+    opset: int
+
+
+class TorchGraph(nn.Module):
+    """A differentiable torch copy of an ONNX model.
+
+    Args:
+        model: a canonical model (weights as initializers).
+        requires_grad: whether float initializers are trainable parameters.
+
+    Raises:
+        UnsupportedModelError: when an op has no torch evaluation (the message lists
+            every such op with one node that uses it).
+    """
+
+    def __init__(self, model: onnx.ModelProto, *, requires_grad: bool = True) -> None:
+        super().__init__()
+        graph = gs.import_onnx(model)
+        graph.toposort()
+        self.opset = model_opset(model)
+        self._ctx = EvalContext(self.opset)
+        missing: dict[str, str] = {}
+        self._plan = []
+        for node in graph.nodes:
+            fn = get_evaluator(node.op, self.opset, node.domain or "")
+            if fn is None:
+                missing.setdefault(node.op, node.name)
+            self._plan.append((node.op, node.name, fn, node.attrs, [t.name for t in node.inputs],
+                               [t.name for t in node.outputs]))
+        if missing:
+            ops = ", ".join(f"{op} (node {name})" for op, name in missing.items())
+            raise UnsupportedModelError(f"no torch evaluation for op(s): {ops}")
+        self.input_names = [t.name for t in graph.inputs]
+        self.output_names = [t.name for t in graph.outputs]
+        self._params = nn.ParameterList()
+        self._param_index: dict[str, int] = {}
+        self._consts: dict[str, torch.Tensor] = {}
+        for name, t in graph.tensors().items():
+            if not isinstance(t, gs.Constant):
+                continue
+            arr = np.asarray(t.values)
+            if np.issubdtype(arr.dtype, np.floating):
+                self._param_index[name] = len(self._params)
+                self._params.append(nn.Parameter(torch.from_numpy(arr.astype(np.float32).copy()),
+                                                 requires_grad=requires_grad))
+            else:
+                self._consts[name] = torch.from_numpy(arr.copy())
+        self._gates: dict[str, tuple[int, torch.Tensor]] = {}
+
+    # ---- parameters and gates ----------------------------------------------------------
+    def parameter(self, name: str) -> nn.Parameter:
+        """The parameter holding initializer ``name``. Raises KeyError when there is none."""
+        return self._params[self._param_index[name]]
+
+    def named_onnx_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(ONNX initializer name, parameter) for every float initializer."""
+        for name, i in self._param_index.items():
+            yield name, self._params[i]
+
+    def set_gate(self, tensor: str, axis: int, gate: torch.Tensor) -> None:
+        """Multiply activation ``tensor`` by ``gate`` (1-D, one entry per position of ``axis``)."""
+        self._gates[tensor] = (int(axis), gate)
+
+    def clear_gates(self) -> None:
+        self._gates.clear()
+
+    # ---- evaluation ----------------------------------------------------------------------
+    def forward(self, *args: torch.Tensor, **feeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Evaluate the graph; inputs positionally (graph input order) or by name.
+
+        Returns:
+            The graph outputs, in order.
+        """
+        env: dict[str, torch.Tensor] = dict(zip(self.input_names, args))
+        env.update(feeds)
+        dev = next(iter(self._params), torch.empty(0)).device
+        for name, i in self._param_index.items():
+            env[name] = self._params[i]
+        for name, c in self._consts.items():
+            env[name] = c.to(dev) if c.device != dev else c
+        for op, node_name, fn, attrs, ins, outs in self._plan:
+            vals = [env[n] if n else None for n in ins]
+            res = fn(vals, attrs, self._ctx)
+            for n, v in zip(outs, res):
+                if not n:
+                    continue
+                g = self._gates.get(n)
+                if g is not None:
+                    axis, gate = g
+                    shape = [1] * v.dim()
+                    shape[axis] = -1
+                    v = v * gate.view(shape)
+                env[n] = v
+        return tuple(env[n] for n in self.output_names)
+
+    def write_back(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """Copy of ``model`` whose float initializers hold this module's parameter values."""
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        for init in out.graph.initializer:
+            if init.name in self._param_index:
+                arr = self.parameter(init.name).detach().cpu().numpy()
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+                init.CopyFrom(onnx.numpy_helper.from_array(arr.astype(dtype), init.name))
+        return out
+
+
+def to_torch(feeds: Mapping[str, np.ndarray], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """numpy feeds -> torch tensors on ``device``."""
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in feeds.items()}
