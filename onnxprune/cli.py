@@ -84,7 +84,14 @@ def compress(model, output, criterion, ratio, target_macs, target_params, scope,
              exclude, input_shape, report_path, plan_out, no_bench, bench_repeat, threads, seed, cpmc_a, cpmc_b,
              strict_target, verbose):
     """Prune MODEL and write a smaller ONNX model, with a report."""
+    from onnxprune.io import check_side_output, default_output_path
     from onnxprune.pipeline import CompressOptions, compress as run
+
+    out_model = output if output is not None else default_output_path(model)
+    if report_path:
+        check_side_output(report_path, models=[model, out_model, plan_out])
+    if plan_out:
+        check_side_output(plan_out, models=[model, out_model])
 
     given = [(k, v) for k, v in ((TargetKind.RATIO, ratio), (TargetKind.MACS, target_macs),
                                   (TargetKind.PARAMS, target_params)) if v is not None]
@@ -115,8 +122,11 @@ def compress(model, output, criterion, ratio, target_macs, target_params, scope,
 @_user_errors
 def analyze(model, input_shape, json_path, verbose):
     """List MODEL's channel groups, blocked groups and why, and MACs/params per layer."""
+    from onnxprune.io import check_side_output
     from onnxprune.pipeline import prepare
 
+    if json_path:
+        check_side_output(json_path, models=[model])
     prep = prepare(model, _shapes(input_shape))
     a = prep.analysis
     console = Console()

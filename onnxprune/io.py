@@ -255,3 +255,26 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
             raise OutputPathError(f"{path}: cannot write ({exc.strerror or _one_line(exc)})") from exc
         raise
     return path
+
+
+def check_side_output(path: str | os.PathLike, *, models: list[str | os.PathLike | None]) -> Path:
+    """Check, before any work, that a report/plan path can be written and is no model file.
+
+    Args:
+        path: the side output (``--report``, ``--plan-out``, ``--json``).
+        models: the input and output model paths it must not be.
+
+    Raises:
+        OutputPathError: ``path`` is one of ``models``, is a directory, or its folder does
+            not exist.
+    """
+    p = Path(path).expanduser()
+    for m in models:
+        if m is not None and (_same_file(p, Path(m).expanduser())):
+            raise OutputPathError(f"{p}: a report/plan path must differ from the input and output model")
+    if p.is_dir():
+        raise OutputPathError(f"{p}: is a directory")
+    folder = p.parent if str(p.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputPathError(f"{p}: folder {folder} does not exist")
+    return p

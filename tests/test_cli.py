@@ -452,22 +452,15 @@ def test_script_version() -> None:
     assert "0.1.0" in proc.stdout
 
 
-# ------------------------------------------------- known bugs (xfail until fixed in onnxprune)
-# Each of these documents a contract violation found while writing this file; strict
-# xfail, so a fix makes the test XPASS and fail, prompting removal of the marker.
-
-_SIDE_FILE_BUG = ("bug: --report / --plan-out / analyze --json are written without checking the path "
-                  "against the input model or -o (onnxprune/cli.py)")
+# ------------------------------------------------- side outputs (report, plan) and criterion options
 
 
-@pytest.mark.xfail(strict=True, reason=_SIDE_FILE_BUG)
 @pytest.mark.parametrize("option", ["--report", "--plan-out"])
 def test_side_output_equal_to_input_is_refused(workdir: Path, option: str) -> None:
     src = _save_tiny(workdir, "chain")
     _expect_nothing_written(workdir, [src, "--target-macs", TARGET, option, src], "input")
 
 
-@pytest.mark.xfail(strict=True, reason=_SIDE_FILE_BUG)
 def test_analyze_json_equal_to_input_is_refused(workdir: Path) -> None:
     src = _save_tiny(workdir, "chain")
     before = _listing(workdir)
@@ -475,7 +468,6 @@ def test_analyze_json_equal_to_input_is_refused(workdir: Path) -> None:
     assert _listing(workdir) == before
 
 
-@pytest.mark.xfail(strict=True, reason=_SIDE_FILE_BUG)
 @pytest.mark.parametrize("option", ["--report", "--plan-out"])
 def test_side_output_equal_to_output_model_is_refused(workdir: Path, option: str) -> None:
     src = _save_tiny(workdir, "chain")
@@ -486,8 +478,6 @@ def test_side_output_equal_to_output_model_is_refused(workdir: Path, option: str
     _assert_user_error(result)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an unwritable --report/--plan-out path fails with exit 2 only "
-                                       "after the pruned model was written (onnxprune/cli.py)")
 @pytest.mark.parametrize("option", ["--report", "--plan-out"])
 def test_unwritable_side_output_leaves_nothing(workdir: Path, option: str) -> None:
     src = _save_tiny(workdir, "chain")
@@ -495,8 +485,6 @@ def test_unwritable_side_output_leaves_nothing(workdir: Path, option: str) -> No
                             "no_such_dir")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: CPMC documents a, b >= 0 but accepts NaN / inf / negative "
-                                       "exponents; NaN scores silently exempt groups (onnxprune/criteria/cpmc.py)")
 @pytest.mark.parametrize("value", ["nan", "inf", "-1"])
 def test_invalid_cpmc_exponent_is_refused(workdir: Path, value: str) -> None:
     src = _save_tiny(workdir, "lenet")

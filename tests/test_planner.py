@@ -352,6 +352,23 @@ def test_validate():
         _hand_plan(lenet, {1: tuple(range(32))}).validate(lenet)
 
 
+def test_partial_tensors_keep_a_channel():
+    """split: conv1's 12 channels are split 4 + 8; neither part may become empty."""
+    _, a, _ = model_and_analysis("split")
+    g = a.group("conv1")
+    parts = [p.tolist() for p in g.keep_one_of]
+    assert [0, 1, 2, 3] in parts
+    # part a scored lowest: the planner still keeps one of its channels
+    scores = {g.id: np.r_[np.arange(4.0), np.arange(10.0, 18.0)]}
+    plan = make_plan(a, scores, Target(TargetKind.MACS, 0.001), normalize=False)
+    plan.validate(a)
+    for p in g.keep_one_of:
+        assert set(p.tolist()) - set(plan.removed[g.id])
+    assert len(plan.removed[g.id]) == 10  # one kept in each part
+    with pytest.raises(PlanError, match="Split"):
+        _hand_plan(a, {g.id: (0, 1, 2, 3)}).validate(a)
+
+
 def test_kept_and_num_removed():
     _, a, _ = model_and_analysis("chain")
     plan = _hand_plan(a, {1: (0, 3), 2: (5,)})

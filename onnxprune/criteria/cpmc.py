@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from onnxprune.analysis.groups import Analysis, ChannelGroup
+from onnxprune.errors import OnnxPruneError
 from onnxprune.criteria.base import WEIGHT_ROLES, Scores, member_reduce
 
 _EPS = 1e-12
@@ -36,6 +37,12 @@ class CPMC:
     name: str = "cpmc"
     normalize: bool = False  # already globally normalised
     requires_data: bool = False
+
+    def __post_init__(self) -> None:
+        for k in ("a", "b"):
+            v = float(getattr(self, k))
+            if not (np.isfinite(v) and v >= 0):
+                raise OnnxPruneError(f"cpmc exponent {k}={v} must be a finite number >= 0")
 
     def score(self, analysis: Analysis, weights: Mapping[str, np.ndarray]) -> Scores:
         groups = [g for g in analysis.groups if g.prunable]

@@ -39,9 +39,12 @@ class ConvHandler(OpHandler):
         yshape = ctx.shape(y)
         if wv is None or yshape is None or (b is not None and ctx.const(b) is None):
             why = f"Conv {node.name} has non-constant weights"
-            ctx.block(x, why)
+            ctx.block_inputs(node, why)
             if yshape is not None:
                 ctx.space.block(ctx.allocate(node, y, 1, yshape[1]), why)
+                ws = ctx.shape(w)
+                if ws is not None:  # W [C_out, C_in / group, k...]
+                    ctx.cost("macs", node, int(math.prod(yshape[2:])) * yshape[0] * math.prod(ws))
             return
         g = int(node.attrs.get("group", 1))
         c_out, cin_g = int(wv.shape[0]), int(wv.shape[1])
@@ -99,9 +102,12 @@ class ConvTransposeHandler(OpHandler):
         if wv is None or yshape is None or xshape is None or g != 1 or (b is not None and ctx.const(b) is None):
             why = (f"ConvTranspose {node.name} has group={g}" if g != 1
                    else f"ConvTranspose {node.name} has non-constant weights")
-            ctx.block(x, why)
+            ctx.block_inputs(node, why)
             if yshape is not None:
                 ctx.space.block(ctx.allocate(node, y, 1, yshape[1]), why)
+            ws = ctx.shape(w)
+            if xshape is not None and ws is not None:  # W [C_in, C_out / group, k...]
+                ctx.cost("macs", node, int(math.prod(xshape[2:])) * xshape[0] * math.prod(ws))
             return
         xe = ctx.get_or_fixed(node, x, 1, f"ConvTranspose {node.name} reads untracked tensor " + x.name)
         ye = ctx.allocate(node, y, 1, int(wv.shape[1]))

@@ -21,12 +21,15 @@ from onnxprune.ops.registry import OpHandler, register
 from onnxprune.surgery.context import SurgeryContext
 
 
-def _blocked_product(node: gs.Node, ctx: AnalysisContext, why: str) -> None:
+def _blocked_product(node: gs.Node, ctx: AnalysisContext, why: str, k_axis: int = -1) -> None:
+    """Block the inputs and the output; the MACs still count, as a fixed term."""
     ctx.block_inputs(node, why)
     y = node.outputs[0]
-    ys = ctx.shape(y)
+    ys, xs = ctx.shape(y), ctx.shape(node.inputs[0])
     if ys is not None and len(ys) >= 1:
         ctx.space.block(ctx.allocate(node, y, len(ys) - 1, ys[-1]), why)
+    if ys is not None and xs:
+        ctx.cost("macs", node, math.prod(ys) * xs[k_axis])
 
 
 @register("Gemm")
@@ -37,14 +40,14 @@ class GemmHandler(OpHandler):
         a, b = node.inputs[0], node.inputs[1]
         c = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
         bv = ctx.const(b)
-        if bv is None or (c is not None and ctx.const(c) is None):
-            _blocked_product(node, ctx, f"Gemm {node.name} has non-constant weights")
-            return
         trans_a, trans_b = int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
         k_axis_a = 0 if trans_a else 1
+        if bv is None or (c is not None and ctx.const(c) is None):
+            _blocked_product(node, ctx, f"Gemm {node.name} has non-constant weights", k_axis_a)
+            return
         tc = ctx.get(a)
         if tc is not None and tc.axis != k_axis_a:
-            _blocked_product(node, ctx, f"Gemm {node.name} reads channels on its M axis")
+            _blocked_product(node, ctx, f"Gemm {node.name} reads channels on its M axis", k_axis_a)
             return
         ae = ctx.get_or_fixed(node, a, k_axis_a, f"Gemm {node.name} reads an untracked input")
         y = node.outputs[0]
@@ -77,6 +80,8 @@ class MatMulHandler(OpHandler):
         if bv is None or bv.ndim != 2 or ys is None:
             if tc is not None or ctx.get(b) is not None:
                 _blocked_product(node, ctx, f"MatMul {node.name} multiplies two activations")
+            elif ys is not None and ctx.shape(a):
+                ctx.cost("macs", node, math.prod(ys) * ctx.shape(a)[-1])
             return
         rank = ctx.rank(a)
         if tc is not None and tc.axis != rank - 1:

@@ -165,20 +165,26 @@ def _reshape_map(in_shape, out_shape, ch: int) -> tuple[int, int] | None:
     """(output axis, repeat) where input axis ``ch`` lands after a row-major reshape.
 
     Output position p of that axis holds input channel p // repeat. None when the
-    channel axis is split across output axes.
+    channel axis is split across output axes. With more than one channel the answer is
+    unique; a single channel fits every size-1 axis next to it (``[1, 1, 4, 4] -> [1, 16]``
+    fits axes 0 and 1), and then axis ``ch`` is preferred, else the first fit.
     """
     prefix = math.prod(in_shape[:ch])
     inner_in = math.prod(in_shape[ch + 1:])
     acc = 1
+    fits = []
     for j, d in enumerate(out_shape):
         if acc == prefix and d % in_shape[ch] == 0:
             rest = math.prod(out_shape[j + 1:])
             if rest and inner_in % rest == 0 and d == in_shape[ch] * (inner_in // rest):
-                return j, inner_in // rest
+                fits.append((j, inner_in // rest))
         acc *= d
         if acc > prefix:
             break
-    return None
+    for f in fits:
+        if f[0] == ch:
+            return f
+    return fits[0] if fits else None
 
 
 @register("Flatten", "Reshape")

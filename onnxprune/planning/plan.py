@@ -126,7 +126,8 @@ class PruningPlan:
 
         Raises:
             PlanError: unknown group, size mismatch, blocked group, index out of range,
-                a group left without channels, or unequal removal across grouped-conv blocks.
+                a group left without channels, a Split/Slice output left without channels
+                (:attr:`ChannelGroup.keep_one_of`), or unequal removal across grouped-conv blocks.
         """
         for gid, idx in self.removed.items():
             if gid >= len(analysis.groups) or analysis.groups[gid].name != self.group_names.get(gid):
@@ -141,6 +142,11 @@ class PruningPlan:
                 raise PlanError(f"group {g.name}: removed indices must be distinct and in [0, {g.size})")
             if len(idx) >= g.size:
                 raise PlanError(f"group {g.name} would lose all its {g.size} channels")
+            gone = set(idx)
+            for part in g.keep_one_of:
+                if gone.issuperset(part.tolist()):
+                    raise PlanError(f"group {g.name} would lose all of channels {part.tolist()}, "
+                                    f"which one tensor holds alone (Split/Slice output)")
             if g.blocks > 1:
                 per = np.bincount(arr // (g.size // g.blocks), minlength=g.blocks)
                 if len(set(per.tolist())) > 1:
