@@ -279,6 +279,13 @@ def test_apply_plan_rejects_invalid_plans():
     ok = next(g for g in analysis.groups if g.prunable)
     with pytest.raises(SurgeryError, match="lose all"):
         apply_plan(model, analysis, {ok.id: np.arange(ok.size)})
+    with pytest.raises(SurgeryError, match="lie in"):
+        apply_plan(model, analysis, {ok.id: np.array([ok.size])})
+    model = ALL_BUILDERS["grouped"]()
+    analysis = analyze(model, measure_shapes(model, {INPUT_NAME: INPUT_SHAPES["grouped"]}))
+    g = analysis.group("gconv")
+    with pytest.raises(SurgeryError, match="same number"):
+        apply_plan(model, analysis, {g.id: np.array([0, 3])})  # blocks 0 and 1 lose one, 2 and 3 none
 
 
 # ------------------------------------------------------------------------------------

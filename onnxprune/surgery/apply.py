@@ -64,14 +64,22 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, removed: Mapping[int,
         removed: ``{group id: removed channel indices}``; groups not named keep all.
 
     Raises:
-        SurgeryError: when a group is blocked or would lose all its channels.
+        SurgeryError: when a group is blocked, an index is out of range, a grouped
+            conv's blocks would lose unequal numbers, or a group or a tensor would lose
+            all its channels.
     """
     for gid, idx in removed.items():
         g = analysis.groups[gid]
+        idx = np.unique(np.asarray(idx, dtype=np.int64))
         if len(idx) and g.blocked_reason is not None:
             raise SurgeryError(f"group {g.name} is blocked: {g.blocked_reason}")
-        if len(set(np.asarray(idx).tolist())) >= g.size:
+        if len(idx) and (idx[0] < 0 or idx[-1] >= g.size):
+            raise SurgeryError(f"group {g.name}: removed indices must lie in [0, {g.size})")
+        if len(idx) >= g.size:
             raise SurgeryError(f"group {g.name} would lose all {g.size} channels")
+        if g.blocks > 1 and len(set(np.bincount(idx // (g.size // g.blocks), minlength=g.blocks).tolist())) > 1:
+            raise SurgeryError(f"group {g.name} must lose the same number of channels in each of its "
+                               f"{g.blocks} blocks")
     removed_elems = analysis.removed_elements(removed)
     for name, tc in analysis.channels.items():
         if len(tc.elems) and removed_elems[tc.elems].all():
