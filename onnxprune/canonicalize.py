@@ -322,6 +322,9 @@ def _fold_constants(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     before = len(model.graph.node)
     in_names = [i.name for i in model.graph.input]
     out_names = [o.name for o in model.graph.output]
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # folding runs ORT sessions; their graph optimisers log through it
     logger = gs.logger.G_LOGGER
     old_severity = logger.severity
     logger.severity = logger.ERROR

@@ -13,7 +13,6 @@ No torchvision or onnx2torch: the ops are written with ``torch`` functional call
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -23,14 +22,8 @@ from torch import nn
 
 from onnxprune.analysis.analyze import model_opset
 from onnxprune.errors import UnsupportedModelError
+from onnxprune.executor.context import EvalContext, EvalNode
 from onnxprune.ops.registry import get_evaluator
-
-
-@dataclass(frozen=True)
-class EvalContext:
-    """What an op's ``evaluate`` may need beyond its inputs: the model's opset."""
-
-    opset: int
 
 
 class TorchGraph(nn.Module):
@@ -57,8 +50,8 @@ class TorchGraph(nn.Module):
             fn = get_evaluator(node.op, self.opset, node.domain or "")
             if fn is None:
                 missing.setdefault(node.op, node.name)
-            self._plan.append((node.op, node.name, fn, node.attrs, [t.name for t in node.inputs],
-                               [t.name for t in node.outputs]))
+            self._plan.append((EvalNode(node.op, node.name, dict(node.attrs), len(node.outputs)), fn,
+                               [t.name for t in node.inputs], [t.name for t in node.outputs]))
         if missing:
             ops = ", ".join(f"{op} (node {name})" for op, name in missing.items())
             raise UnsupportedModelError(f"no torch evaluation for op(s): {ops}")
@@ -110,9 +103,9 @@ class TorchGraph(nn.Module):
             env[name] = self._params[i]
         for name, c in self._consts.items():
             env[name] = c.to(dev) if c.device != dev else c
-        for op, node_name, fn, attrs, ins, outs in self._plan:
+        for node, fn, ins, outs in self._plan:
             vals = [env[n] if n else None for n in ins]
-            res = fn(vals, attrs, self._ctx)
+            res = fn(node, vals, self._ctx)
             for n, v in zip(outs, res):
                 if not n:
                     continue

@@ -40,6 +40,25 @@ class OpHandler:
         """Slice the node's weights and attributes to the kept channels of its tensors."""
         raise NotImplementedError
 
+    #: Torch evaluation (:mod:`onnxprune.executor`), or None when the op has none:
+    #: ``evaluate(node: EvalNode, inputs: list[torch.Tensor | None], ctx: EvalContext)
+    #: -> list[torch.Tensor]`` (one per node output; absent optional inputs are None).
+    evaluate = None
+
+
+class BarrierHandler(OpHandler):
+    """An op the executor can evaluate but whose channel behaviour is not modelled.
+
+    Analysis blocks every tracked input (naming the op and node) and leaves outputs
+    untracked, exactly as for an op with no handler; surgery leaves the node alone.
+    """
+
+    def analyze(self, node: "gs.Node", ctx: "AnalysisContext") -> None:
+        ctx.block_inputs(node, f"no channel rule for op {node.op} (node {node.name})")
+
+    def apply(self, node: "gs.Node", ctx: "SurgeryContext") -> None:
+        """Nothing to slice."""
+
 
 @dataclass(frozen=True)
 class _Entry:
@@ -81,6 +100,12 @@ def get_handler(op_type: str, opset: int, domain: str = "") -> OpHandler | None:
         if e.since <= opset and (e.until is None or opset <= e.until):
             return e.handler
     return None
+
+
+def get_evaluator(op_type: str, opset: int, domain: str = "") -> Callable | None:
+    """The torch evaluation function of ``op_type`` at ``opset``, or None."""
+    h = get_handler(op_type, opset, domain)
+    return None if h is None else h.evaluate
 
 
 def supported_ops() -> list[str]:

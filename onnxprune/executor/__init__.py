@@ -1,0 +1,1 @@
+"""Torch evaluation of ONNX graphs (issue: data-driven criteria)."""
