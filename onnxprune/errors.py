@@ -38,3 +38,7 @@ class VerificationError(OnnxPruneError):
 
 class OutputPathError(OnnxPruneError):
     """The output path is unusable (equal to the input, unwritable directory)."""
+
+
+class DataError(OnnxPruneError):
+    """Calibration data is missing, malformed or does not fit the model."""

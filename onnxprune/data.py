@@ -1,0 +1,204 @@
+"""Calibration data for data-driven criteria and recovery.
+
+Sources (:func:`load_calibration`):
+- ``.npz`` with ``x`` (float32 [N, ...], the model's input layout) and optional ``y``
+  (int64 [N] class labels);
+- ``.npy`` holding ``x`` only;
+- a folder of images: sub-folders are classes (labels = sorted folder names' indices),
+  a flat folder is unlabelled. Images are resized to ``image_size`` (H, W), scaled by
+  ``scale``, normalised with ``mean``/``std`` per channel, in ``channel_order`` (RGB or
+  BGR), and laid out NCHW.
+From Python, :func:`from_arrays` takes any iterable of arrays or tensors.
+
+Every problem (missing file, wrong shape or dtype, NaN, empty folder, labels out of
+range) raises :class:`~onnxprune.errors.DataError` before any scoring starts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from onnxprune.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True, eq=False)
+class CalibrationData:
+    """Inputs and optional labels.
+
+    Attributes:
+        x: float32 [N, ...] in the model's input layout.
+        y: int64 [N] class labels, or None (then the original model is the teacher).
+        source: where the data came from (for messages and reports).
+    """
+
+    x: np.ndarray
+    y: np.ndarray | None
+    source: str = "<arrays>"
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """Consecutive (x, y) batches of at most ``batch_size`` samples (views, no copies)."""
+        if batch_size < 1:
+            raise DataError(f"batch size must be >= 1, got {batch_size}")
+        for i in range(0, len(self), batch_size):
+            yield self.x[i:i + batch_size], None if self.y is None else self.y[i:i + batch_size]
+
+    def subset(self, samples: int | None, seed: int = 0) -> "CalibrationData":
+        """At most ``samples`` samples, drawn without replacement with ``seed`` (all when None)."""
+        if samples is None or samples >= len(self):
+            return self
+        if samples < 1:
+            raise DataError(f"--samples must be >= 1, got {samples}")
+        idx = np.sort(np.random.default_rng(seed).choice(len(self), samples, replace=False))
+        return CalibrationData(self.x[idx], None if self.y is None else self.y[idx], self.source)
+
+    def check(self, input_shape: Sequence[int | None], num_classes: int | None = None) -> "CalibrationData":
+        """Check against the model's input shape (None = any) and class count; returns self.
+
+        Raises:
+            DataError: rank or a fixed dim differs, labels outside [0, num_classes).
+        """
+        shp = tuple(self.x.shape)
+        if len(shp) != len(input_shape):
+            raise DataError(f"{self.source}: x has shape {shp}, the model's input has rank {len(input_shape)} "
+                            f"({_fmt(input_shape)})")
+        for i, (got, want) in enumerate(zip(shp[1:], input_shape[1:]), start=1):
+            if want is not None and got != want:
+                raise DataError(f"{self.source}: x has shape {shp}, the model expects {_fmt(input_shape)} "
+                                f"(dim {i} differs)")
+        if self.y is not None and num_classes is not None and len(self.y):
+            lo, hi = int(self.y.min()), int(self.y.max())
+            if lo < 0 or hi >= num_classes:
+                raise DataError(f"{self.source}: labels range over [{lo}, {hi}] but the model has "
+                                f"{num_classes} classes")
+        return self
+
+
+def _fmt(shape: Sequence[int | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _validate(x: np.ndarray, y: np.ndarray | None, source: str) -> CalibrationData:
+    x = np.asarray(x)
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise DataError(f"{source}: no samples")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"{source}: x has dtype {x.dtype}, expected float32")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise DataError(f"{source}: x contains NaN or infinite values")
+    if y is not None:
+        y = np.asarray(y)
+        if y.ndim != 1 or len(y) != len(x):
+            raise DataError(f"{source}: y has shape {y.shape}, expected [{len(x)}] (one label per sample)")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{source}: y has dtype {y.dtype}, expected integer class labels")
+        y = y.astype(np.int64)
+    return CalibrationData(x, y, source)
+
+
+def from_arrays(samples: Iterable, labels: Iterable | None = None) -> CalibrationData:
+    """Calibration data from an array [N, ...], or any iterable of arrays / torch tensors
+    (each a batch [B, ...]), with optional labels likewise.
+
+    Raises:
+        DataError: empty, non-float, NaN, or batches of different sample shapes.
+    """
+    def to_np(v):
+        return v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+
+    def stack(it):
+        if isinstance(it, np.ndarray) or hasattr(it, "detach"):
+            return to_np(it)
+        parts = [to_np(v) for v in it]
+        if not parts:
+            raise DataError("<arrays>: no samples")
+        try:
+            return np.concatenate(parts, axis=0)
+        except ValueError as e:
+            raise DataError(f"<arrays>: batches do not fit together ({e})") from None
+
+    return _validate(stack(samples), None if labels is None else stack(labels), "<arrays>")
+
+
+def load_calibration(path: str | os.PathLike, *, image_size: tuple[int, int] | None = None,
+                     mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,), scale: float = 1 / 255,
+                     channel_order: str = "RGB", grayscale: bool = False) -> CalibrationData:
+    """Load calibration data from a ``.npz``, a ``.npy`` or a folder of images.
+
+    Args:
+        path: the file or folder.
+        image_size: (H, W) images are resized to (required for folders).
+        mean, std: per-channel normalisation after scaling (one value = all channels).
+        scale: factor applied to the 0-255 pixel values first.
+        channel_order: ``"RGB"`` or ``"BGR"``.
+        grayscale: load images as one channel.
+
+    Returns:
+        The data; images give float32 [N, C, H, W].
+
+    Raises:
+        DataError: see the module docstring.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or folder")
+    if p.is_dir():
+        return _load_images(p, image_size, mean, std, scale, channel_order, grayscale)
+    try:
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                if "x" not in z:
+                    raise DataError(f"{p}: the .npz has no array 'x' (arrays: {', '.join(z.files) or 'none'})")
+                return _validate(z["x"], z["y"] if "y" in z else None, str(p))
+        if p.suffix == ".npy":
+            return _validate(np.load(p, allow_pickle=False), None, str(p))
+    except (ValueError, OSError) as e:
+        raise DataError(f"{p}: cannot be read as numpy data ({e})") from None
+    raise DataError(f"{p}: calibration data must be a .npz, a .npy or a folder of images")
+
+
+def _load_images(folder: Path, image_size, mean, std, scale, channel_order, grayscale) -> CalibrationData:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover
+        raise DataError("reading image folders needs Pillow: pip install pillow") from None
+    if image_size is None:
+        raise DataError(f"{folder}: a folder of images needs --image-size H,W")
+    if channel_order not in ("RGB", "BGR"):
+        raise DataError(f"channel order must be RGB or BGR, got {channel_order!r}")
+    subdirs = sorted(d for d in folder.iterdir() if d.is_dir())
+    if subdirs:
+        files = [(f, label) for label, d in enumerate(subdirs) for f in sorted(d.iterdir())
+                 if f.suffix.lower() in IMAGE_SUFFIXES]
+    else:
+        files = [(f, None) for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    h, w = image_size
+    c = 1 if grayscale else 3
+    m = np.broadcast_to(np.asarray(mean, dtype=np.float32), (c,)).reshape(c, 1, 1)
+    s = np.broadcast_to(np.asarray(std, dtype=np.float32), (c,)).reshape(c, 1, 1)
+    x = np.empty((len(files), c, h, w), dtype=np.float32)
+    for i, (f, _) in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                arr = np.asarray(im.convert("L" if grayscale else "RGB").resize((w, h), Image.BILINEAR),
+                                 dtype=np.float32)
+        except OSError as e:
+            raise DataError(f"{f}: cannot be read as an image ({e})") from None
+        arr = arr[None] if grayscale else arr.transpose(2, 0, 1)
+        if channel_order == "BGR" and not grayscale:
+            arr = arr[::-1]
+        x[i] = (arr * scale - m) / s
+    y = None if not subdirs else np.array([label for _, label in files], dtype=np.int64)
+    return _validate(x, y, str(folder))
