@@ -29,6 +29,9 @@ from onnxprune.ops.registry import get_evaluator
 class TorchGraph(nn.Module):
     """A differentiable torch copy of an ONNX model.
 
+    Float initializers keep their dtype (float32, float16, float64); feeds must have the
+    graph inputs' dtypes, as in onnxruntime.
+
     Args:
         model: a canonical model (weights as initializers).
         requires_grad: whether float initializers are trainable parameters.
@@ -66,8 +69,8 @@ class TorchGraph(nn.Module):
             arr = np.asarray(t.values)
             if np.issubdtype(arr.dtype, np.floating):
                 self._param_index[name] = len(self._params)
-                self._params.append(nn.Parameter(torch.from_numpy(arr.astype(np.float32).copy()),
-                                                 requires_grad=requires_grad))
+                # keep the initializer's own float type: ops must see ONNX's dtypes
+                self._params.append(nn.Parameter(torch.from_numpy(arr.copy()), requires_grad=requires_grad))
             else:
                 self._consts[name] = torch.from_numpy(arr.copy())
         self._gates: dict[str, tuple[int, torch.Tensor]] = {}

@@ -19,6 +19,7 @@ import math
 import onnx_graphsurgeon as gs
 
 from onnxprune.analysis.context import AnalysisContext, Role
+from onnxprune.ops._torch import F, attr_ints, attr_str, auto_pads, present, torch_pad_arg, unsupported
 from onnxprune.ops.registry import OpHandler, register
 from onnxprune.surgery.context import SurgeryContext
 
@@ -88,6 +89,25 @@ class ConvHandler(OpHandler):
         if wv is not None and keep is not None and g > 1 and wv.shape[1] == 1 and wv.shape[0] == g:
             node.attrs["group"] = int(keep.sum())
 
+    def evaluate(self, node, inputs, ctx):
+        x, w, b = inputs[0], inputs[1], present(inputs, 2)
+        n = x.dim() - 2
+        if n not in (1, 2, 3):
+            raise unsupported(node, f"a {n}-D convolution")
+        kernel = attr_ints(node, "kernel_shape") or list(w.shape[2:])
+        strides = attr_ints(node, "strides", [1] * n)
+        dil = attr_ints(node, "dilations", [1] * n)
+        group = int(node.attrs.get("group", 1))
+        pads = auto_pads(node, list(x.shape[2:]), kernel, strides, dil)
+        begin, end = pads[:n], pads[n:]
+        if begin == end:
+            padding = begin
+        else:  # asymmetric: pad explicitly (zeros), then convolve without padding
+            x = F.pad(x, torch_pad_arg(begin, end))
+            padding = [0] * n
+        fn = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
+        return [fn(x, w, b, strides, padding, dil, group)]
+
 
 @register("ConvTranspose")
 class ConvTransposeHandler(OpHandler):
@@ -122,3 +142,51 @@ class ConvTransposeHandler(OpHandler):
 
     def apply(self, node: gs.Node, ctx: SurgeryContext) -> None:
         """Nothing beyond the recorded weight slices."""
+
+    def evaluate(self, node, inputs, ctx):
+        x, w, b = inputs[0], inputs[1], present(inputs, 2)
+        n = x.dim() - 2
+        if n not in (1, 2, 3):
+            raise unsupported(node, f"a {n}-D transposed convolution")
+        kernel = attr_ints(node, "kernel_shape") or list(w.shape[2:])
+        strides = attr_ints(node, "strides", [1] * n)
+        dil = attr_ints(node, "dilations", [1] * n)
+        group = int(node.attrs.get("group", 1))
+        out_pad = attr_ints(node, "output_padding", [0] * n)
+        out_shape = attr_ints(node, "output_shape")
+        mode = attr_str(node, "auto_pad", "NOTSET")
+        in_sizes = list(x.shape[2:])
+        # the full (unpadded) output length: stride * (in - 1) + (k - 1) * dilation + 1
+        full = [strides[i] * (in_sizes[i] - 1) + (kernel[i] - 1) * dil[i] + 1 for i in range(n)]
+        if out_shape is not None or mode in ("SAME_UPPER", "SAME_LOWER"):
+            if out_shape is None:
+                target = [in_sizes[i] * strides[i] for i in range(n)]
+            else:
+                target = out_shape[-n:]
+            begin, end = [], []
+            for i in range(n):
+                total = full[i] + out_pad[i] - target[i]
+                if out_shape is None:  # SAME_*: onnxruntime clamps the total padding at 0
+                    total = max(0, total)
+                small, big = total // 2, total - total // 2
+                if mode == "SAME_UPPER":
+                    begin.append(small), end.append(big)
+                else:  # NOTSET / SAME_LOWER with output_shape
+                    begin.append(big), end.append(small)
+        elif mode == "VALID":
+            begin, end = [0] * n, [0] * n
+        elif mode in ("NOTSET", ""):
+            pads = attr_ints(node, "pads", [0] * (2 * n))
+            begin, end = pads[:n], pads[n:]
+        else:
+            raise unsupported(node, f"auto_pad {mode}")
+        fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1]
+        if begin == end and all(op < max(s, d) for op, s, d in zip(out_pad, strides, dil)) \
+                and all(p >= 0 for p in begin):
+            return [fn(x, w, b, strides, begin, out_pad, group, dil)]
+        # general case: full output, then crop the pads (and zero-extend output_padding)
+        y = fn(x, w, None, strides, 0, 0, group, dil)
+        y = F.pad(y, torch_pad_arg([-p for p in begin], [op - p for op, p in zip(out_pad, end)]))
+        if b is not None:
+            y = y + b.reshape((1, -1) + (1,) * n)
+        return [y]

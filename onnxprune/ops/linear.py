@@ -17,6 +17,7 @@ import math
 import onnx_graphsurgeon as gs
 
 from onnxprune.analysis.context import AnalysisContext, Role
+from onnxprune.ops._torch import present, torch
 from onnxprune.ops.registry import OpHandler, register
 from onnxprune.surgery.context import SurgeryContext
 
@@ -66,6 +67,25 @@ class GemmHandler(OpHandler):
     def apply(self, node: gs.Node, ctx: SurgeryContext) -> None:
         """Weights are sliced from the analysis records."""
 
+    def evaluate(self, node, inputs, ctx):
+        a, b, c = inputs[0], inputs[1], present(inputs, 2)
+        alpha = float(node.attrs.get("alpha", 1.0))
+        beta = float(node.attrs.get("beta", 1.0))
+        if int(node.attrs.get("transA", 0)):
+            a = a.transpose(-1, -2)
+        if int(node.attrs.get("transB", 0)):
+            b = b.transpose(-1, -2)
+        if a.dim() != 2:  # opsets < 9 coerce A to 2-D; B is 2-D
+            a = a.reshape(a.shape[0], -1)
+        if c is None or beta == 0.0:
+            y = a @ b
+            return [y if alpha == 1.0 else y * alpha]
+        if a.is_floating_point():
+            return [torch.addmm(c, a, b, beta=beta, alpha=alpha)]
+        y = a @ b
+        y = y if alpha == 1.0 else y * int(alpha)
+        return [y + (c if beta == 1.0 else c * int(beta))]
+
 
 @register("MatMul")
 class MatMulHandler(OpHandler):
@@ -97,3 +117,6 @@ class MatMulHandler(OpHandler):
 
     def apply(self, node: gs.Node, ctx: SurgeryContext) -> None:
         """Weights are sliced from the analysis records."""
+
+    def evaluate(self, node, inputs, ctx):
+        return [torch.matmul(inputs[0], inputs[1])]

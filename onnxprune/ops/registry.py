@@ -122,4 +122,4 @@ def _load_builtin() -> None:
     if _loaded:
         return
     _loaded = True
-    from onnxprune.ops import conv, elementwise, linear, norm, pool, shape_ops  # noqa: F401
+    from onnxprune.ops import conv, elementwise, linear, misc, norm, pool, shape_ops  # noqa: F401

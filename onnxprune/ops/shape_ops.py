@@ -20,6 +20,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.analysis.context import AnalysisContext
+from onnxprune.ops._torch import attr_ints, int_list, present, torch, unsupported
 from onnxprune.ops.registry import OpHandler, register
 from onnxprune.surgery.context import SurgeryContext
 
@@ -58,6 +59,15 @@ class ConcatHandler(OpHandler):
     def apply(self, node: gs.Node, ctx: SurgeryContext) -> None:
         """Concat follows its inputs' shapes."""
 
+    def evaluate(self, node, inputs, ctx):
+        xs = [t for t in inputs if t is not None]
+        axis = int(node.attrs.get("axis", 1 if ctx.opset < 4 else 0))
+        rank = max(t.dim() for t in xs)
+        # 1-D empty tensors join anything (shape arithmetic); drop them unless all are
+        nonempty = [t for t in xs if not (t.dim() == 1 and t.numel() == 0 and rank > 1)] or xs
+        return [torch.cat(nonempty, dim=axis % rank)]
+
+
 
 @register("Split")
 class SplitHandler(OpHandler):
@@ -93,6 +103,20 @@ class SplitHandler(OpHandler):
             ctx.set_const(node, 1, np.array(sizes, dtype=np.int64))
         else:
             node.inputs.append(gs.Constant(f"{node.name}__split", np.array(sizes, dtype=np.int64)))
+
+    def evaluate(self, node, inputs, ctx):
+        x = inputs[0]
+        axis = int(node.attrs.get("axis", 0)) % x.dim()
+        dim = x.shape[axis]
+        sizes = attr_ints(node, "split")
+        if sizes is None and len(inputs) > 1 and inputs[1] is not None:
+            sizes = int_list(inputs[1])
+        if not sizes:
+            n = int(node.attrs.get("num_outputs", node.n_outputs))
+            chunk = -(-dim // n)  # opset 18: the last chunk may be smaller
+            sizes = [min(chunk, max(dim - i * chunk, 0)) for i in range(n)]
+        return list(torch.split(x, sizes, dim=axis))
+
 
 
 def _slice_params(node: gs.Node, ctx, rank: int):
@@ -160,6 +184,38 @@ class SliceHandler(OpHandler):
             ctx.set_const(node, 1, np.array(starts, dtype=ctx.const(node.inputs[1]).dtype))
             ctx.set_const(node, 2, np.array(ends, dtype=ctx.const(node.inputs[2]).dtype))
 
+    def evaluate(self, node, inputs, ctx):
+        x = inputs[0]
+        rank = x.dim()
+        if ctx.opset < 10:
+            starts, ends = attr_ints(node, "starts"), attr_ints(node, "ends")
+            axes = attr_ints(node, "axes", list(range(len(starts))))
+            steps = [1] * len(starts)
+        else:
+            starts, ends = int_list(inputs[1]), int_list(inputs[2])
+            ax_t, st_t = present(inputs, 3), present(inputs, 4)
+            axes = int_list(ax_t) if ax_t is not None else list(range(len(starts)))
+            steps = int_list(st_t) if st_t is not None else [1] * len(starts)
+        index = [slice(None)] * rank
+        gathers = []
+        for s, e, a, st in zip(starts, ends, axes, steps):
+            a %= rank
+            n = x.shape[a]
+            if st == 0:
+                raise unsupported(node, "step 0")
+            s = s + n if s < 0 else s
+            e = e + n if e < 0 else e
+            if st > 0:
+                index[a] = slice(min(max(s, 0), n), min(max(e, 0), n), st)
+            else:
+                s, e = min(max(s, 0), n - 1), min(max(e, -1), n - 1)
+                gathers.append((a, torch.arange(s, e, st, dtype=torch.int64)))
+        y = x[tuple(index)]
+        for a, idx in gathers:
+            y = y.index_select(a, idx.to(y.device))
+        return [y]
+
+
 
 def _reshape_map(in_shape, out_shape, ch: int) -> tuple[int, int] | None:
     """(output axis, repeat) where input axis ``ch`` lands after a row-major reshape.
@@ -216,6 +272,18 @@ class ReshapeHandler(OpHandler):
             shape[j] = int(keep.sum())
             ctx.set_const(node, 1, shape)
 
+    def evaluate(self, node, inputs, ctx):
+        x = inputs[0]
+        if node.op == "Flatten":
+            axis = int(node.attrs.get("axis", 1))
+            axis = axis + x.dim() if axis < 0 else axis
+            return [x.reshape(int(math.prod(x.shape[:axis])), int(math.prod(x.shape[axis:])))]
+        shape = attr_ints(node, "shape") if ctx.opset < 5 else int_list(inputs[1])
+        if not int(node.attrs.get("allowzero", 0)):
+            shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+        return [x.reshape(shape)]
+
+
 
 @register("Transpose")
 class TransposeHandler(OpHandler):
@@ -229,6 +297,12 @@ class TransposeHandler(OpHandler):
 
     def apply(self, node: gs.Node, ctx: SurgeryContext) -> None:
         """Nothing to slice."""
+
+    def evaluate(self, node, inputs, ctx):
+        x = inputs[0]
+        perm = attr_ints(node, "perm", list(range(x.dim()))[::-1])
+        return [x.permute(perm)]
+
 
 
 @register("Squeeze", "Unsqueeze")
@@ -258,6 +332,21 @@ class SqueezeHandler(OpHandler):
     def apply(self, node: gs.Node, ctx: SurgeryContext) -> None:
         """Nothing to slice."""
 
+    def evaluate(self, node, inputs, ctx):
+        x = inputs[0]
+        axes = attr_ints(node, "axes")
+        if axes is None and len(inputs) > 1 and inputs[1] is not None:
+            axes = int_list(inputs[1])
+        if node.op == "Squeeze":
+            rank = x.dim()
+            drop = {a % rank for a in axes} if axes else {i for i, d in enumerate(x.shape) if d == 1}
+            return [x.reshape([d for i, d in enumerate(x.shape) if i not in drop])]
+        out_rank = x.dim() + len(axes)
+        ins = {a % out_rank for a in axes}
+        dims = iter(x.shape)
+        return [x.reshape([1 if i in ins else next(dims) for i in range(out_rank)])]
+
+
 
 @register("Shape", "Size")
 class ShapeHandler(OpHandler):
@@ -268,3 +357,15 @@ class ShapeHandler(OpHandler):
 
     def apply(self, node: gs.Node, ctx: SurgeryContext) -> None:
         """Nothing to slice."""
+
+    def evaluate(self, node, inputs, ctx):
+        x = inputs[0]
+        if node.op == "Size":
+            return [torch.tensor(x.numel(), dtype=torch.int64, device=x.device)]
+        rank = x.dim()
+        start = int(node.attrs.get("start", 0))
+        end = node.attrs.get("end")
+        start = min(max(start + rank if start < 0 else start, 0), rank)
+        end = rank if end is None else int(end)
+        end = min(max(end + rank if end < 0 else end, 0), rank)
+        return [torch.tensor(list(x.shape[start:end]), dtype=torch.int64, device=x.device)]
