@@ -135,4 +135,4 @@ class TorchGraph(nn.Module):
 
 def to_torch(feeds: Mapping[str, np.ndarray], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """numpy feeds -> torch tensors on ``device``."""
-    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in feeds.items()}
+    return {k: torch.from_numpy(np.ascontiguousarray(v).reshape(np.shape(v))).to(device) for k, v in feeds.items()}

@@ -7,7 +7,6 @@ op registry for analysis or surgery does not pay torch's import time.
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -148,7 +147,3 @@ def pool_out_size(size: int, k: int, s: int, d: int, pb: int, pe: int, ceil_mode
     if (out - 1) * s >= size + pb:  # the last window would start in the end padding
         out -= 1
     return out
-
-
-def prod(xs) -> int:
-    return int(math.prod(xs))

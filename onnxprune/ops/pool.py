@@ -67,7 +67,6 @@ class MaxRoiPoolHandler(PoolHandler):
     evaluate = None
 
 
-
 @register("Resize", "Upsample")
 class ResizeHandler(OpHandler):
     """Resize keeps channels when its scale along the channel axis is 1.
@@ -239,10 +238,10 @@ def _pool(node, x, ctx):
     out = [pool_out_size(sizes[i], kernel[i], strides[i], dil[i], begin[i], end[i], ceil_mode) for i in range(n)]
     # end padding that makes a floor-mode pooling produce ``out`` windows
     end_full = [max(end[i], (out[i] - 1) * strides[i] + eff[i] - sizes[i] - begin[i]) for i in range(n)]
-    if any(o <= 0 for o in out):  # no window fits
-        return [x.new_zeros(tuple(x.shape[:2]) + tuple(max(o, 0) for o in out))] + (
-            [torch.zeros(tuple(x.shape[:2]) + tuple(max(o, 0) for o in out), dtype=torch.int64, device=x.device)]
-            if node.n_outputs > 1 else [])
+    if any(o <= 0 for o in out):  # no window fits: empty outputs
+        shape = tuple(x.shape[:2]) + tuple(max(o, 0) for o in out)
+        empty = [x.new_zeros(shape), torch.zeros(shape, dtype=torch.int64, device=x.device)]
+        return empty[: max(1, node.n_outputs)]
     # torch's own padding: symmetric, at most half the (undilated) kernel
     native = all(b == e and b <= k // 2 for b, e, k in zip(begin, end_full, kernel))
 
