@@ -42,6 +42,16 @@ def _shapes(specs: tuple[str, ...]) -> dict[str, tuple[int, ...]] | None:
     return out or None
 
 
+def _floats(text: str | None, option: str, kind=float) -> tuple | None:
+    """'0.5,0.5,0.5' -> (0.5, 0.5, 0.5); None stays None."""
+    if text is None:
+        return None
+    try:
+        return tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        raise OnnxPruneError(f"{option} {text!r}: expected comma-separated numbers") from None
+
+
 _input_shape = click.option("--input-shape", "input_shape", multiple=True, metavar="NAME:D0,D1,...",
                             help="Concrete shape of a graph input (repeatable). Symbolic dims default "
                                  "to 1 for the batch and 224 elsewhere.")
@@ -58,7 +68,8 @@ def main() -> None:
 @click.option("-o", "--output", type=click.Path(), default=None,
               help="Output model (default: <name>.pruned.onnx beside the input).")
 @click.option("--criterion", default="l1", show_default=True,
-              type=click.Choice(["l1", "l2", "bn", "cpmc", "random"]), help="Channel importance criterion.")
+              type=click.Choice(["l1", "l2", "bn", "cpmc", "random", "taylor", "infcp", "ifso"]),
+              help="Channel importance criterion (taylor, infcp, ifso need --data).")
 @click.option("--ratio", type=float, default=None, help="Fraction of prunable channels to remove.")
 @click.option("--target-macs", type=float, default=None, help="Fraction of MACs to keep (default 0.7).")
 @click.option("--target-params", type=float, default=None, help="Fraction of params to keep.")
@@ -78,11 +89,23 @@ def main() -> None:
 @click.option("--cpmc-a", type=float, default=0.5, show_default=True, help="cpmc: exponent of the MACs term.")
 @click.option("--cpmc-b", type=float, default=0.5, show_default=True, help="cpmc: exponent of the params term.")
 @click.option("--strict-target", is_flag=True, help="Fail when the target is out of reach.")
+@click.option("--data", "data_path", type=click.Path(), default=None,
+              help="Calibration data: .npz (x [, y]), .npy, or a folder of images (sub-folders = classes).")
+@click.option("--image-size", default=None, metavar="H,W", help="Image folders: resize to H,W.")
+@click.option("--mean", default="0", show_default=True, metavar="M[,M,M]", help="Image folders: per-channel mean.")
+@click.option("--std", default="1", show_default=True, metavar="S[,S,S]", help="Image folders: per-channel std.")
+@click.option("--scale", type=float, default=1 / 255, show_default=True, help="Image folders: pixel scale.")
+@click.option("--channel-order", type=click.Choice(["RGB", "BGR"]), default="RGB", show_default=True)
+@click.option("--grayscale", is_flag=True, help="Image folders: one channel.")
+@click.option("--samples", type=int, default=None, help="Use at most N calibration samples.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Calibration batch size.")
+@click.option("--device", default="auto", show_default=True, help="Torch side: auto, cpu, cuda or cuda:N.")
 @click.option("-v", "--verbose", is_flag=True, help="Show every group in the report.")
 @_user_errors
 def compress(model, output, criterion, ratio, target_macs, target_params, scope, round_to, max_layer_ratio,
              exclude, input_shape, report_path, plan_out, no_bench, bench_repeat, threads, seed, cpmc_a, cpmc_b,
-             strict_target, verbose):
+             strict_target, data_path, image_size, mean, std, scale, channel_order, grayscale, samples,
+             batch_size, device, verbose):
     """Prune MODEL and write a smaller ONNX model, with a report."""
     from onnxprune.io import check_side_output, default_output_path
     from onnxprune.pipeline import CompressOptions, compress as run
@@ -98,12 +121,20 @@ def compress(model, output, criterion, ratio, target_macs, target_params, scope,
     if len(given) > 1:
         raise OnnxPruneError("give only one of --ratio, --target-macs, --target-params")
     target = Target(*given[0]) if given else Target(TargetKind.MACS, 0.7)
+    data = None
+    if data_path is not None:
+        from onnxprune.data import load_calibration
+
+        data = load_calibration(data_path, image_size=_floats(image_size, "--image-size", int),
+                                mean=_floats(mean, "--mean"), std=_floats(std, "--std"), scale=scale,
+                                channel_order=channel_order, grayscale=grayscale)
     opts = CompressOptions(
         criterion=criterion, target=target,
         plan=PlanOptions(Scope(scope), round_to, max_layer_ratio, 1, tuple(exclude)),
         input_shapes=_shapes(input_shape), seed=seed,
         criterion_args={"a": cpmc_a, "b": cpmc_b} if criterion == "cpmc" else {},
-        strict_target=strict_target, bench=not no_bench, bench_repeat=bench_repeat, threads=threads)
+        strict_target=strict_target, bench=not no_bench, bench_repeat=bench_repeat, threads=threads,
+        data=data, samples=samples, batch_size=batch_size, device=device)
     res = run(model, output, opts)
     res.report.render(Console(), verbose=verbose)
     if report_path:

@@ -18,7 +18,8 @@ from onnxprune.analysis import Analysis, analyze
 from onnxprune.bench import measure_latency
 from onnxprune.canonicalize import canonicalize
 from onnxprune.criteria import get_criterion
-from onnxprune.errors import OutputPathError, PlanError
+from onnxprune.data import CalibrationData
+from onnxprune.errors import OnnxPruneError, OutputPathError, PlanError
 from onnxprune.inputs import resolve_input_shapes
 from onnxprune.io import default_output_path, load_model, save_model
 from onnxprune.planning import PlanOptions, PruningPlan, Target, TargetKind, make_plan
@@ -64,6 +65,10 @@ class CompressOptions:
         strict_target: fail with PlanError instead of stopping at the reachable figure.
         bench: measure onnxruntime CPU latency before and after.
         bench_warmup / bench_repeat / threads: latency measurement settings.
+        data: calibration data, required by data-driven criteria (``taylor``, ...).
+        samples: use at most this many calibration samples (seeded draw); None = all.
+        batch_size: calibration batch size (bounds the torch side's memory).
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]`` for the torch side.
     """
 
     criterion: str = "l1"
@@ -77,6 +82,10 @@ class CompressOptions:
     bench_warmup: int = 5
     bench_repeat: int = 30
     threads: int | None = None
+    data: CalibrationData | None = None
+    samples: int | None = None
+    batch_size: int = 32
+    device: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -150,12 +159,23 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
     if options.criterion == "random":
         crit_args.setdefault("seed", options.seed)
     criterion = get_criterion(options.criterion, **crit_args)
+    if criterion.requires_data and options.data is None:
+        raise OnnxPruneError(f"criterion {options.criterion} needs calibration data: give --data "
+                             "(a .npz with x [and y], a .npy, or a folder of images)")
 
     prep = prepare(input_path, options.input_shapes)
     times = dict(prep.stage_seconds)
     a = prep.analysis
     with _timed(times, "score"):
-        scores = criterion.score(a, weights_of(prep.model))
+        if criterion.requires_data:
+            from onnxprune.executor.device import resolve_device
+
+            data = options.data.subset(options.samples, options.seed)
+            data.check(_declared_input_shape(prep.model))
+            scores = criterion.score_with_data(a, prep.model, data, batch_size=options.batch_size,
+                                               device=resolve_device(options.device), seed=options.seed)
+        else:
+            scores = criterion.score(a, weights_of(prep.model))
     with _timed(times, "plan"):
         plan = make_plan(a, scores, options.target, options.plan, normalize=criterion.normalize)
         plan.validate(a)
@@ -189,6 +209,15 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
         reachable=None if plan.reachable is None else f"{plan.target.kind.value}={plan.reachable:.3f}",
         warnings=tuple(warnings), fidelity=result.to_dict())
     return CompressResult(pruned, plan, a, result, report)
+
+
+def _declared_input_shape(model: onnx.ModelProto) -> list[int | None]:
+    """The first graph input's declared shape (None for symbolic or unknown dims)."""
+    from onnxprune.inputs import graph_inputs
+
+    vi = graph_inputs(model)[0]
+    dims = vi.type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
 
 
 def group_rows(analysis: Analysis, plan: PruningPlan | None = None) -> tuple[GroupRow, ...]:

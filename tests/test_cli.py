@@ -490,3 +490,24 @@ def test_invalid_cpmc_exponent_is_refused(workdir: Path, value: str) -> None:
     src = _save_tiny(workdir, "lenet")
     _expect_nothing_written(workdir, [src, "--criterion", "cpmc", "--cpmc-a", value, "--target-macs", TARGET],
                             "cpmc")
+
+
+# ------------------------------------------------------------------------ calibration data options
+
+
+@pytest.mark.parametrize("criterion", ["infcp", "ifso"])
+def test_data_driven_criterion_without_data_is_refused(workdir: Path, criterion: str) -> None:
+    src = _save_tiny(workdir, "lenet")
+    _expect_nothing_written(workdir, [src, "--criterion", criterion, "--target-macs", TARGET], criterion)
+
+
+def test_missing_calibration_file_is_refused(workdir: Path) -> None:
+    src = _save_tiny(workdir, "lenet")
+    _expect_nothing_written(workdir, [src, "--data", workdir / "nope.npz", "--target-macs", TARGET], "nope.npz")
+
+
+def test_bad_image_size_is_refused(workdir: Path) -> None:
+    src = _save_tiny(workdir, "lenet")
+    (workdir / "imgs").mkdir()
+    _expect_nothing_written(workdir, [src, "--data", workdir / "imgs", "--image-size", "a,b",
+                                      "--target-macs", TARGET], "--image-size")

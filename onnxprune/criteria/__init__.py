@@ -6,10 +6,12 @@ from onnxprune.criteria.base import Criterion
 from onnxprune.criteria.cpmc import CPMC
 from onnxprune.criteria.magnitude import BN, L1, L2
 from onnxprune.criteria.random import Random
+from onnxprune.criteria.taylor import Taylor
 from onnxprune.errors import OnnxPruneError
 
 DATA_FREE = {"l1": L1, "l2": L2, "bn": BN, "cpmc": CPMC, "random": Random}
-DATA_DRIVEN = ("taylor", "infcp", "ifso")
+DATA_DRIVEN = {"taylor": Taylor}
+NOT_YET = ("infcp", "ifso")
 
 
 def get_criterion(name: str, **kwargs) -> Criterion:
@@ -21,8 +23,10 @@ def get_criterion(name: str, **kwargs) -> Criterion:
     if name in DATA_FREE:
         return DATA_FREE[name](**kwargs)
     if name in DATA_DRIVEN:
+        return DATA_DRIVEN[name](**kwargs)
+    if name in NOT_YET:
         raise OnnxPruneError(f"criterion {name} needs calibration data and the torch executor, not available yet")
-    raise OnnxPruneError(f"unknown criterion {name!r}; choose from {', '.join(sorted(DATA_FREE))}")
+    raise OnnxPruneError(f"unknown criterion {name!r}; choose from {', '.join(sorted({**DATA_FREE, **DATA_DRIVEN}))}")
 
 
-__all__ = ["BN", "CPMC", "Criterion", "L1", "L2", "Random", "get_criterion", "DATA_FREE"]
+__all__ = ["BN", "CPMC", "Criterion", "L1", "L2", "Random", "Taylor", "get_criterion", "DATA_FREE", "DATA_DRIVEN"]

@@ -12,7 +12,7 @@ No torchvision or onnx2torch: the ops are written with ``torch`` functional call
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -74,6 +74,10 @@ class TorchGraph(nn.Module):
             else:
                 self._consts[name] = torch.from_numpy(arr.copy())
         self._gates: dict[str, tuple[int, torch.Tensor]] = {}
+        # node name -> {input index: (axis, gate)}; empty unless set_input_gate was called
+        self._input_gates: dict[str, dict[int, tuple[int, torch.Tensor]]] = {}
+        self._node_info = [(n.name, n.op, n.domain or "", tuple(t.name for t in n.inputs)) for n in graph.nodes]
+        self._node_inputs = {name: len(ins) for name, _, _, ins in self._node_info}
 
     # ---- parameters and gates ----------------------------------------------------------
     def parameter(self, name: str) -> nn.Parameter:
@@ -89,8 +93,33 @@ class TorchGraph(nn.Module):
         """Multiply activation ``tensor`` by ``gate`` (1-D, one entry per position of ``axis``)."""
         self._gates[tensor] = (int(axis), gate)
 
+    def nodes(self) -> list[tuple[str, str, str, tuple[str, ...]]]:
+        """(name, op type, domain, input tensor names; "" for an omitted input) of every
+        node, in evaluation order."""
+        return list(self._node_info)
+
+    def set_input_gate(self, node_name: str, input_index: int, axis: int,
+                       gate: torch.Tensor | Callable[[], torch.Tensor]) -> None:
+        """Multiply the value node ``node_name`` reads at input ``input_index`` by ``gate``.
+
+        ``gate`` is 1-D with one entry per position of ``axis`` of that input (broadcast
+        like :meth:`set_gate`, cast to the input's dtype), or a zero-argument callable
+        returning one, called at every forward (so a gate derived from a leaf, e.g. a
+        gather ``G[index]``, follows in-place changes of the leaf and builds a fresh
+        autograd graph per pass). Other consumers of the same tensor see it ungated.
+
+        Raises:
+            KeyError: no node called ``node_name``; IndexError: no such input.
+        """
+        n = self._node_inputs[node_name]
+        if not 0 <= input_index < n:
+            raise IndexError(f"node {node_name} has {n} inputs, got input index {input_index}")
+        self._input_gates.setdefault(node_name, {})[int(input_index)] = (int(axis), gate)
+
     def clear_gates(self) -> None:
+        """Remove every tensor gate and every input gate."""
         self._gates.clear()
+        self._input_gates.clear()
 
     # ---- evaluation ----------------------------------------------------------------------
     def forward(self, *args: torch.Tensor, **feeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -106,8 +135,19 @@ class TorchGraph(nn.Module):
             env[name] = self._params[i]
         for name, c in self._consts.items():
             env[name] = c.to(dev) if c.device != dev else c
+        input_gates = self._input_gates
         for node, fn, ins, outs in self._plan:
             vals = [env[n] if n else None for n in ins]
+            if input_gates:
+                ig = input_gates.get(node.name)
+                if ig is not None:
+                    for i, (axis, gate) in ig.items():
+                        v = vals[i]
+                        if callable(gate):
+                            gate = gate()
+                        shape = [1] * v.dim()
+                        shape[axis] = -1
+                        vals[i] = v * gate.to(v.dtype).view(shape)
             res = fn(node, vals, self._ctx)
             for n, v in zip(outs, res):
                 if not n:

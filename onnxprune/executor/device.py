@@ -1,0 +1,25 @@
+"""Where the torch side runs: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``."""
+
+from __future__ import annotations
+
+from onnxprune.errors import OnnxPruneError
+
+
+def resolve_device(name: str = "auto") -> str:
+    """The torch device string for ``name``.
+
+    Raises:
+        OnnxPruneError: ``cuda`` was asked for but torch sees no CUDA device, or the
+            name is not one of auto, cpu, cuda, cuda:N.
+    """
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return "cpu"
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise OnnxPruneError(f"--device {name}: torch sees no CUDA device (torch {torch.__version__})")
+        return name
+    raise OnnxPruneError(f"unknown device {name!r}; choose auto, cpu, cuda or cuda:N")
