@@ -293,7 +293,15 @@ def test_get_criterion():
         assert crit.requires_data is False
 
 
-@pytest.mark.parametrize("name", ["bogus", "taylor", "infcp", "ifso"])
+def test_get_criterion_taylor():
+    c = get_criterion("taylor", batch_size=8, seed=3)
+    assert c.name == "taylor" and c.requires_data is True and c.normalize is True
+    assert (c.batch_size, c.seed) == (8, 3)
+    with pytest.raises(OnnxPruneError, match="taylor"):
+        c.score(None, {})
+
+
+@pytest.mark.parametrize("name", ["bogus", "infcp", "ifso"])
 def test_get_criterion_errors_name_the_criterion(name):
     with pytest.raises(OnnxPruneError, match=name):
         get_criterion(name)
