@@ -511,3 +511,25 @@ def test_bad_image_size_is_refused(workdir: Path) -> None:
     (workdir / "imgs").mkdir()
     _expect_nothing_written(workdir, [src, "--data", workdir / "imgs", "--image-size", "a,b",
                                       "--target-macs", TARGET], "--image-size")
+
+
+def test_taylor_without_data_names_the_option(workdir: Path) -> None:
+    src = _save_tiny(workdir, "lenet")
+    _expect_nothing_written(workdir, [src, "--criterion", "taylor", "--target-macs", TARGET], "taylor", "--data")
+
+
+def test_taylor_with_data_writes_a_model_that_runs(workdir: Path, tmp_path: Path) -> None:
+    src = _save_tiny(workdir, "lenet")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "cal.npz", x=rng.normal(size=(16, 1, 28, 28)).astype(np.float32),
+             y=rng.integers(0, 10, 16))
+    out = workdir / "t.onnx"
+    result = _invoke("compress", src, "--criterion", "taylor", "--data", tmp_path / "cal.npz", "--batch-size", "8",
+                     "--target-macs", TARGET, "--no-bench", "-o", out, "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["criterion"] == "taylor"
+    assert report["macs"]["after"] / report["macs"]["before"] <= TARGET + TOLERANCE
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (y,) = sess.run(None, {"x": rng.normal(size=(1, 1, 28, 28)).astype(np.float32)})
+    assert y.shape == (1, 10)
