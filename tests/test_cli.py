@@ -255,7 +255,7 @@ def test_analyze_bad_input_shape(workdir: Path) -> None:
 # ------------------------------------------------------------------ compress: errors
 
 
-def _expect_nothing_written(workdir: Path, args: list, *fragments: str) -> str:
+def _assert_nothing_written(workdir: Path, args: list, *fragments: str) -> str:
     before = _listing(workdir)
     result = _invoke("compress", *args, "--no-bench")
     line = _assert_user_error(result, *fragments)
@@ -265,32 +265,32 @@ def _expect_nothing_written(workdir: Path, args: list, *fragments: str) -> str:
 
 
 def test_error_missing_file(workdir: Path) -> None:
-    _expect_nothing_written(workdir, [workdir / "missing.onnx"], "missing.onnx", "no such file")
+    _assert_nothing_written(workdir, [workdir / "missing.onnx"], "missing.onnx", "no such file")
     assert not (workdir / "missing.pruned.onnx").exists()
 
 
 def test_error_directory(workdir: Path) -> None:
     d = workdir / "adir.onnx"
     d.mkdir()
-    _expect_nothing_written(workdir, [d], "adir.onnx", "directory")
+    _assert_nothing_written(workdir, [d], "adir.onnx", "directory")
 
 
 def test_error_random_bytes(workdir: Path) -> None:
     bad = workdir / "random.onnx"
     bad.write_bytes(np.random.default_rng(0).bytes(4096))
-    _expect_nothing_written(workdir, [bad], "random.onnx", "not an ONNX model")
+    _assert_nothing_written(workdir, [bad], "random.onnx", "not an ONNX model")
 
 
 def test_error_empty_file(workdir: Path) -> None:
     bad = workdir / "empty.onnx"
     bad.write_bytes(b"")
-    _expect_nothing_written(workdir, [bad], "empty.onnx")
+    _assert_nothing_written(workdir, [bad], "empty.onnx")
 
 
 def test_error_text_file(workdir: Path) -> None:
     bad = workdir / "notes.onnx"
     bad.write_text("this is not a model\n")
-    _expect_nothing_written(workdir, [bad], "notes.onnx")
+    _assert_nothing_written(workdir, [bad], "notes.onnx")
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9, 0.999])
@@ -298,24 +298,24 @@ def test_error_truncated_onnx(workdir: Path, fraction: float) -> None:
     full = onnx.load_from_string(ALL_BUILDERS["lenet"]().SerializeToString()).SerializeToString()
     bad = workdir / "trunc.onnx"
     bad.write_bytes(full[: int(len(full) * fraction)])
-    _expect_nothing_written(workdir, [bad], "trunc.onnx")
+    _assert_nothing_written(workdir, [bad], "trunc.onnx")
 
 
 def test_error_output_equals_input(workdir: Path) -> None:
     src = _save_tiny(workdir, "chain")
-    _expect_nothing_written(workdir, [src, "-o", src, "--target-macs", TARGET], "output path is the input")
+    _assert_nothing_written(workdir, [src, "-o", src, "--target-macs", TARGET], "output path is the input")
 
 
 def test_error_output_equals_input_other_spelling(workdir: Path) -> None:
     src = _save_tiny(workdir, "chain")
     (workdir / "sub").mkdir()
     alias = workdir / "sub" / ".." / "chain.onnx"
-    _expect_nothing_written(workdir, [src, "-o", alias, "--target-macs", TARGET], "output path is the input")
+    _assert_nothing_written(workdir, [src, "-o", alias, "--target-macs", TARGET], "output path is the input")
 
 
 def test_error_output_folder_missing(workdir: Path) -> None:
     src = _save_tiny(workdir, "chain")
-    _expect_nothing_written(workdir, [src, "-o", workdir / "no_such_dir" / "out.onnx", "--target-macs", TARGET],
+    _assert_nothing_written(workdir, [src, "-o", workdir / "no_such_dir" / "out.onnx", "--target-macs", TARGET],
                             "no_such_dir")
 
 
@@ -325,7 +325,7 @@ def test_error_output_folder_missing(workdir: Path) -> None:
 ])
 def test_error_invalid_target(workdir: Path, option: str, value: str) -> None:
     src = _save_tiny(workdir, "chain")
-    line = _expect_nothing_written(workdir, [src, option, value], "between 0 and 1")
+    line = _assert_nothing_written(workdir, [src, option, value], "between 0 and 1")
     assert option.lstrip("-").split("-")[-1] in line  # names the kind: macs / params / ratio
 
 
@@ -336,7 +336,7 @@ def test_error_invalid_target(workdir: Path, option: str, value: str) -> None:
 ])
 def test_error_two_targets(workdir: Path, extra: list[str]) -> None:
     src = _save_tiny(workdir, "chain")
-    _expect_nothing_written(workdir, [src, *extra], "only one of")
+    _assert_nothing_written(workdir, [src, *extra], "only one of")
 
 
 @pytest.mark.parametrize(("spec", "fragment"), [
@@ -347,42 +347,42 @@ def test_error_two_targets(workdir: Path, extra: list[str]) -> None:
 ])
 def test_error_input_shape_malformed(workdir: Path, spec: str, fragment: str) -> None:
     src = _save_tiny(workdir, "chain")
-    _expect_nothing_written(workdir, [src, "--input-shape", spec], fragment)
+    _assert_nothing_written(workdir, [src, "--input-shape", spec], fragment)
 
 
 def test_error_input_shape_unknown_name(workdir: Path) -> None:
     src = _save_tiny(workdir, "chain")
-    _expect_nothing_written(workdir, [src, "--input-shape", "images:1,3,16,16"], "unknown input", "'images'")
+    _assert_nothing_written(workdir, [src, "--input-shape", "images:1,3,16,16"], "unknown input", "'images'")
 
 
 def test_error_input_shape_given_twice(workdir: Path) -> None:
     src = _save_tiny(workdir, "chain")
-    _expect_nothing_written(workdir, [src, "--input-shape", "x:1,3,16,16", "--input-shape", "x:1,3,16,16"],
+    _assert_nothing_written(workdir, [src, "--input-shape", "x:1,3,16,16", "--input-shape", "x:1,3,16,16"],
                             "twice")
 
 
 def test_error_input_shape_wrong_rank(workdir: Path) -> None:
     src = _save_tiny(workdir, "chain")
-    _expect_nothing_written(workdir, [src, "--input-shape", "x:1,3,16"], "rank 3", "rank 4")
+    _assert_nothing_written(workdir, [src, "--input-shape", "x:1,3,16"], "rank 3", "rank 4")
 
 
 def test_error_input_shape_contradicts_fixed_dims(workdir: Path) -> None:
     # lenet declares x as 1x1x28x28: 2x2 spatial contradicts the fixed dims.
     src = _save_tiny(workdir, "lenet")
-    _expect_nothing_written(workdir, [src, "--input-shape", "x:1,1,2,2"], "'x'", "28")
+    _assert_nothing_written(workdir, [src, "--input-shape", "x:1,1,2,2"], "'x'", "28")
 
 
 def test_error_input_shape_too_small_for_model(workdir: Path) -> None:
     # Same lenet with symbolic N/H/W: 2x2 is accepted as a shape but the 3x3 conv cannot run on it.
     src = _save_tiny(workdir, "lenet", dynamic_hw=True)
-    _expect_nothing_written(workdir, [src, "--input-shape", "x:1,1,2,2"], "1x1x2x2")
+    _assert_nothing_written(workdir, [src, "--input-shape", "x:1,1,2,2"], "1x1x2x2")
 
 
 def test_error_default_shape_does_not_fit(workdir: Path) -> None:
     # Symbolic H/W default to 224, which the Flatten->Gemm(1600) head cannot take: the
     # message must point at --input-shape.
     src = _save_tiny(workdir, "lenet", dynamic_hw=True)
-    _expect_nothing_written(workdir, [src], "--input-shape")
+    _assert_nothing_written(workdir, [src], "--input-shape")
 
 
 def test_dynamic_model_with_input_shape_compresses(workdir: Path) -> None:
@@ -394,7 +394,7 @@ def test_dynamic_model_with_input_shape_compresses(workdir: Path) -> None:
 
 def test_error_strict_target_unreachable(workdir: Path) -> None:
     src = _save_tiny(workdir, "barrier")
-    _expect_nothing_written(workdir, [src, "--target-macs", "0.05", "--strict-target"], "out of reach", "macs=0.05")
+    _assert_nothing_written(workdir, [src, "--target-macs", "0.05", "--strict-target"], "out of reach", "macs=0.05")
 
 
 def test_error_unknown_criterion_is_usage_error(workdir: Path) -> None:
@@ -458,7 +458,7 @@ def test_script_version() -> None:
 @pytest.mark.parametrize("option", ["--report", "--plan-out"])
 def test_side_output_equal_to_input_is_refused(workdir: Path, option: str) -> None:
     src = _save_tiny(workdir, "chain")
-    _expect_nothing_written(workdir, [src, "--target-macs", TARGET, option, src], "input")
+    _assert_nothing_written(workdir, [src, "--target-macs", TARGET, option, src], "input")
 
 
 def test_analyze_json_equal_to_input_is_refused(workdir: Path) -> None:
@@ -481,14 +481,14 @@ def test_side_output_equal_to_output_model_is_refused(workdir: Path, option: str
 @pytest.mark.parametrize("option", ["--report", "--plan-out"])
 def test_unwritable_side_output_leaves_nothing(workdir: Path, option: str) -> None:
     src = _save_tiny(workdir, "chain")
-    _expect_nothing_written(workdir, [src, "--target-macs", TARGET, option, workdir / "no_such_dir" / "x.json"],
+    _assert_nothing_written(workdir, [src, "--target-macs", TARGET, option, workdir / "no_such_dir" / "x.json"],
                             "no_such_dir")
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-1"])
 def test_invalid_cpmc_exponent_is_refused(workdir: Path, value: str) -> None:
     src = _save_tiny(workdir, "lenet")
-    _expect_nothing_written(workdir, [src, "--criterion", "cpmc", "--cpmc-a", value, "--target-macs", TARGET],
+    _assert_nothing_written(workdir, [src, "--criterion", "cpmc", "--cpmc-a", value, "--target-macs", TARGET],
                             "cpmc")
 
 
@@ -498,24 +498,24 @@ def test_invalid_cpmc_exponent_is_refused(workdir: Path, value: str) -> None:
 @pytest.mark.parametrize("criterion", ["infcp", "ifso"])
 def test_data_driven_criterion_without_data_is_refused(workdir: Path, criterion: str) -> None:
     src = _save_tiny(workdir, "lenet")
-    _expect_nothing_written(workdir, [src, "--criterion", criterion, "--target-macs", TARGET], criterion)
+    _assert_nothing_written(workdir, [src, "--criterion", criterion, "--target-macs", TARGET], criterion)
 
 
 def test_missing_calibration_file_is_refused(workdir: Path) -> None:
     src = _save_tiny(workdir, "lenet")
-    _expect_nothing_written(workdir, [src, "--data", workdir / "nope.npz", "--target-macs", TARGET], "nope.npz")
+    _assert_nothing_written(workdir, [src, "--data", workdir / "nope.npz", "--target-macs", TARGET], "nope.npz")
 
 
 def test_bad_image_size_is_refused(workdir: Path) -> None:
     src = _save_tiny(workdir, "lenet")
     (workdir / "imgs").mkdir()
-    _expect_nothing_written(workdir, [src, "--data", workdir / "imgs", "--image-size", "a,b",
+    _assert_nothing_written(workdir, [src, "--data", workdir / "imgs", "--image-size", "a,b",
                                       "--target-macs", TARGET], "--image-size")
 
 
 def test_taylor_without_data_names_the_option(workdir: Path) -> None:
     src = _save_tiny(workdir, "lenet")
-    _expect_nothing_written(workdir, [src, "--criterion", "taylor", "--target-macs", TARGET], "taylor", "--data")
+    _assert_nothing_written(workdir, [src, "--criterion", "taylor", "--target-macs", TARGET], "taylor", "--data")
 
 
 def test_taylor_with_data_writes_a_model_that_runs(workdir: Path, tmp_path: Path) -> None:
