@@ -136,7 +136,7 @@ def assert_close(got: np.ndarray, ref: np.ndarray, what: str = "output", rel: fl
     assert err <= tol, f"{what}: max|torch-ort| = {err:.3g} > tol {tol:.3g}"
 
 
-def compare_with_ort(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> None:
+def assert_matches_ort(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> None:
     ref = ort_run(model, feeds)
     tg = TorchGraph(model)
     got = torch_run(tg, feeds)
@@ -941,7 +941,7 @@ NOT_EVALUATED = {"MaxRoiPool"}
 def test_op_matches_onnxruntime(name: str) -> None:
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     model, feeds = CASES[name](rng)
-    compare_with_ort(model, feeds)
+    assert_matches_ort(model, feeds)
 
 
 @functools.lru_cache(maxsize=1)
@@ -1015,7 +1015,7 @@ def test_non_float32_model_matches_onnxruntime(name: str) -> None:
 def test_tiny_model_matches_onnxruntime(name: str) -> None:
     model = ALL_BUILDERS[name]()
     for seed in (0, 1):
-        compare_with_ort(model, random_input(name, seed))
+        assert_matches_ort(model, random_input(name, seed))
 
 
 def test_positional_and_named_inputs_agree() -> None:
