@@ -125,15 +125,19 @@ def _node_reads(node: onnx.NodeProto) -> set[str]:
     return reads
 
 
-def _rename_in_subgraph(graph: onnx.GraphProto, old: str, new: str) -> None:
-    if old in _local_names(graph):  # shadowed: inner scope defines its own `old`
-        return
+def _rename_node_inputs(graph: onnx.GraphProto, old: str, new: str) -> None:
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name == old:
                 node.input[i] = new
         for sub in _subgraphs(node):
             _rename_in_subgraph(sub, old, new)
+
+
+def _rename_in_subgraph(graph: onnx.GraphProto, old: str, new: str) -> None:
+    if old in _local_names(graph):  # shadowed: inner scope defines its own `old`
+        return
+    _rename_node_inputs(graph, old, new)
     for out in graph.output:
         if out.name == old:
             out.name = new
@@ -141,12 +145,7 @@ def _rename_in_subgraph(graph: onnx.GraphProto, old: str, new: str) -> None:
 
 def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
     """Make every reader of tensor ``old`` in ``graph`` (and its subgraphs) read ``new``."""
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name == old:
-                node.input[i] = new
-        for sub in _subgraphs(node):
-            _rename_in_subgraph(sub, old, new)
+    _rename_node_inputs(graph, old, new)
 
 
 def _used_names(graph: onnx.GraphProto) -> set[str]:

@@ -42,3 +42,12 @@ class OutputPathError(OnnxPruneError):
 
 class DataError(OnnxPruneError):
     """Calibration data is missing, malformed or does not fit the model."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of a library exception's message (its type name if none),
+    for the one-line messages of the errors above."""
+    for line in str(exc).strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

@@ -25,7 +25,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from onnxprune.errors import ModelLoadError, OutputPathError, UnsupportedModelError
+from onnxprune.errors import ModelLoadError, OutputPathError, UnsupportedModelError, first_line
 
 __all__ = [
     "MIN_OPSET",
@@ -69,12 +69,6 @@ def _all_tensors(graph: onnx.GraphProto):
                 yield from _all_tensors(sub)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0].strip() if text else ""
-    return first or type(exc).__name__
-
-
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Load an ONNX model file, with its external data, and check it is supported.
 
@@ -99,14 +93,14 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         data = p.read_bytes()
     except OSError as exc:
-        raise ModelLoadError(f"{p}: cannot be read ({exc.strerror or _one_line(exc)})") from exc
+        raise ModelLoadError(f"{p}: cannot be read ({exc.strerror or first_line(exc)})") from exc
     if not data:
         raise ModelLoadError(f"{p}: file is empty, not an ONNX model")
     model = onnx.ModelProto()
     try:
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
-        raise ModelLoadError(f"{p}: not an ONNX model or the file is corrupt/truncated ({_one_line(exc)})") from exc
+        raise ModelLoadError(f"{p}: not an ONNX model or the file is corrupt/truncated ({first_line(exc)})") from exc
     # Protobuf parsing is lenient: random bytes sometimes parse into a nearly empty message.
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         raise ModelLoadError(f"{p}: not an ONNX model (no IR version, graph or opset import)")
@@ -118,10 +112,10 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
     except FileNotFoundError as exc:
-        missing = exc.filename or _one_line(exc)
+        missing = exc.filename or first_line(exc)
         raise ModelLoadError(f"{p}: external data file {missing} is missing") from exc
     except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
-        raise ModelLoadError(f"{p}: cannot load external data ({_one_line(exc)})") from exc
+        raise ModelLoadError(f"{p}: cannot load external data ({first_line(exc)})") from exc
 
     opset = default_opset(model)
     if opset is None:
@@ -218,9 +212,9 @@ def save_model(
                 os.fsync(fh.fileno())
         os.replace(tmp_model, out)
     except OSError as exc:
-        raise OutputPathError(f"{out}: cannot write ({exc.strerror or _one_line(exc)})") from exc
+        raise OutputPathError(f"{out}: cannot write ({exc.strerror or first_line(exc)})") from exc
     except ValueError as exc:
-        raise OutputPathError(f"{out}: cannot serialize the model ({_one_line(exc)})") from exc
+        raise OutputPathError(f"{out}: cannot serialize the model ({first_line(exc)})") from exc
     finally:
         if tmp_dir is not None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -239,7 +233,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
-        raise OutputPathError(f"{path}: cannot write ({exc.strerror or _one_line(exc)})") from exc
+        raise OutputPathError(f"{path}: cannot write ({exc.strerror or first_line(exc)})") from exc
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -252,7 +246,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         except OSError:
             pass
         if isinstance(exc, OSError):
-            raise OutputPathError(f"{path}: cannot write ({exc.strerror or _one_line(exc)})") from exc
+            raise OutputPathError(f"{path}: cannot write ({exc.strerror or first_line(exc)})") from exc
         raise
     return path
 

@@ -17,19 +17,12 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
-from onnxprune.errors import InputShapeError, UnsupportedModelError
+from onnxprune.errors import InputShapeError, UnsupportedModelError, first_line
 from onnxprune.inputs import graph_inputs, make_inputs
 
 __all__ = ["measure_shapes"]
 
 _PROTO_LIMIT = 1_800_000_000
-
-
-def _one_line(exc: BaseException) -> str:
-    for line in str(exc).strip().splitlines():
-        if line.strip():
-            return line.strip()
-    return type(exc).__name__
 
 
 def _fmt_shapes(shapes: Mapping[str, tuple[int, ...]]) -> str:
@@ -113,14 +106,14 @@ def measure_shapes(
     try:
         sess = _session(probe)
     except Exception as exc:
-        raise UnsupportedModelError(f"onnxruntime cannot load the model: {_one_line(exc)}") from exc
+        raise UnsupportedModelError(f"onnxruntime cannot load the model: {first_line(exc)}") from exc
     out_names = [o.name for o in sess.get_outputs()]
     try:
         values = sess.run(out_names, feeds)
     except Exception as exc:
         raise InputShapeError(
             f"the model does not run with input shapes {_fmt_shapes({n: shapes[n] for n in real})} "
-            f"(give the right ones with --input-shape NAME:D0,D1,...): {_one_line(exc)}"
+            f"(give the right ones with --input-shape NAME:D0,D1,...): {first_line(exc)}"
         ) from exc
     for name, value in zip(out_names, values):
         if isinstance(value, np.ndarray):

