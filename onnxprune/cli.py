@@ -57,6 +57,15 @@ _input_shape = click.option("--input-shape", "input_shape", multiple=True, metav
                                  "to 1 for the batch and 224 elsewhere.")
 
 
+def _criterion_args(criterion: str, cpmc_a: float, cpmc_b: float, loss: str) -> dict:
+    """Keyword arguments of the criterion from the options that concern it."""
+    if criterion == "cpmc":
+        return {"a": cpmc_a, "b": cpmc_b}
+    if criterion in ("taylor", "infcp", "ifso"):
+        return {"loss": loss}
+    return {}
+
+
 @click.group()
 @click.version_option(package_name="onnxprune")
 def main() -> None:
@@ -100,12 +109,15 @@ def main() -> None:
 @click.option("--samples", type=int, default=None, help="Use at most N calibration samples.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Calibration batch size.")
 @click.option("--device", default="auto", show_default=True, help="Torch side: auto, cpu, cuda or cuda:N.")
+@click.option("--loss", type=click.Choice(["auto", "ce", "kl", "mse"]), default="auto", show_default=True,
+              help="Loss of data-driven criteria: auto = ce with labels, else kl (classifiers) or mse "
+                   "(other outputs) to the original model.")
 @click.option("-v", "--verbose", is_flag=True, help="Show every group in the report.")
 @_user_errors
 def compress(model, output, criterion, ratio, target_macs, target_params, scope, round_to, max_layer_ratio,
              exclude, input_shape, report_path, plan_out, no_bench, bench_repeat, threads, seed, cpmc_a, cpmc_b,
              strict_target, data_path, image_size, mean, std, scale, channel_order, grayscale, samples,
-             batch_size, device, verbose):
+             batch_size, device, loss, verbose):
     """Prune MODEL and write a smaller ONNX model, with a report."""
     from onnxprune.io import check_side_output, default_output_path
     from onnxprune.pipeline import CompressOptions, compress as run
@@ -132,7 +144,7 @@ def compress(model, output, criterion, ratio, target_macs, target_params, scope,
         criterion=criterion, target=target,
         plan=PlanOptions(Scope(scope), round_to, max_layer_ratio, 1, tuple(exclude)),
         input_shapes=_shapes(input_shape), seed=seed,
-        criterion_args={"a": cpmc_a, "b": cpmc_b} if criterion == "cpmc" else {},
+        criterion_args=_criterion_args(criterion, cpmc_a, cpmc_b, loss),
         strict_target=strict_target, bench=not no_bench, bench_repeat=bench_repeat, threads=threads,
         data=data, samples=samples, batch_size=batch_size, device=device)
     res = run(model, output, opts)

@@ -207,7 +207,7 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
         latency_before=lat_before, latency_after=lat_after, groups=group_rows(a, plan),
         stage_seconds=times,
         reachable=None if plan.reachable is None else f"{plan.target.kind.value}={plan.reachable:.3f}",
-        warnings=tuple(warnings), fidelity=result.to_dict())
+        warnings=tuple(warnings), fidelity=result.to_dict(), criterion_info=getattr(scores, "info", {}))
     return CompressResult(pruned, plan, a, result, report)
 
 

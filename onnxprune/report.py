@@ -127,6 +127,7 @@ class CompressReport:
     reachable: str | None = None
     warnings: tuple[str, ...] = ()
     fidelity: Mapping | None = None
+    criterion_info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     # ------------------------------------------------------------------ figures
     @property
@@ -176,6 +177,7 @@ class CompressReport:
             "reachable": self.reachable,
             "warnings": list(self.warnings),
             "fidelity": self.fidelity,
+            "criterion_info": dict(self.criterion_info),
         }
         return _jsonable(d)
 
@@ -204,6 +206,9 @@ class CompressReport:
         console.print(self._summary_table())
         if self.reachable:
             console.print(f"[yellow]target: {escape(self.reachable)}[/yellow]", highlight=False)
+        for key, value in self.criterion_info.items():
+            console.print(f"{escape(self.criterion)} {escape(str(key))}: {escape(_fmt_num(value) if isinstance(value, (int, float)) else str(value))}",
+                          highlight=False)
         console.print(self._group_table(verbose))
         self._print_hidden_counts(console, verbose)
         if self.fidelity:

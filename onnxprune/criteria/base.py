@@ -10,7 +10,20 @@ import numpy as np
 from onnxprune.analysis.context import Role
 from onnxprune.analysis.groups import Analysis, ChannelGroup
 
-Scores = dict[int, "np.ndarray | None"]
+
+
+class Scores(dict):
+    """``{group id: float64 [group.size] or None}``, with criterion diagnostics.
+
+    Attributes:
+        info: JSON-ready figures the criterion wants in the report (e.g. infcp's spread
+            between ensemble members); empty for most criteria. A plain ``dict`` of
+            scores is accepted wherever Scores is (its info is taken as empty).
+    """
+
+    def __init__(self, scores=(), info: Mapping | None = None) -> None:
+        super().__init__(scores)
+        self.info = dict(info or {})
 
 
 class Criterion(Protocol):

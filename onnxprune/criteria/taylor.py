@@ -5,8 +5,13 @@ Pruning", CVPR 2019. Every channel c gets a multiplicative gate m_c = 1 (see
 :mod:`onnxprune.criteria.gates`: the gates sit where the channel-reducing ops read the
 channel, so m_c = 0 is exactly removing c). Removing c changes the loss by about
 -dL/dm_c to first order; the score is (dL/dm_c)^2 per batch, summed over batches.
-The loss is cross-entropy against the labels, or against the original model's argmax
-when there are none (:mod:`onnxprune.criteria.loss` explains why).
+The loss is cross-entropy against the labels. Without labels the loss is a teacher loss
+(KL to the original's softmax for classifiers, MSE to its outputs otherwise), whose
+gradient is zero at the unpruned point; the gradient then comes from
+:meth:`~onnxprune.criteria.loss.Loss.fisher_sample` (targets drawn from the teacher),
+so the score estimates the Fisher diagonal of the gates (Theis et al. 2018), the
+teacher loss's second-order change. ``loss="ce"`` without labels uses the original's
+argmax as pseudo-labels instead.
 """
 
 from __future__ import annotations
@@ -20,11 +25,10 @@ import torch
 
 from onnxprune.analysis.groups import Analysis
 from onnxprune.criteria.base import Scores
+from onnxprune.criteria.calibration import calibration_batches, scoring_setup
 from onnxprune.criteria.gates import channel_gates
-from onnxprune.criteria.loss import make_loss
 from onnxprune.data import CalibrationData
 from onnxprune.errors import OnnxPruneError
-from onnxprune.executor.graph_module import TorchGraph
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class Taylor:
 
     Attributes:
         batch_size / device / seed: defaults of :meth:`score_with_data`.
-        loss: loss kind for :func:`onnxprune.criteria.loss.make_loss`.
+        loss: ``auto``, ``ce``, ``kl`` or ``mse`` (:mod:`onnxprune.criteria.loss`).
     """
 
     batch_size: int = 32
@@ -55,7 +59,7 @@ class Taylor:
 
         Args:
             analysis: analysis of ``model``.
-            model: the canonical model (single graph input; first output = logits [N, classes]).
+            model: the canonical model (single graph input).
             data: calibration inputs (and optional labels).
             batch_size / device / seed: override the instance's settings.
 
@@ -63,30 +67,26 @@ class Taylor:
             ``{group id: float64 [group.size]}`` for every prunable group.
 
         Raises:
-            OnnxPruneError: no data, several graph inputs, or an output the loss cannot use.
+            OnnxPruneError: no data, several graph inputs, or an output the loss cannot use
+                (``ce``/``kl`` on a first output that is not [N, classes]).
         """
         batch_size = self.batch_size if batch_size is None else batch_size
         device = self.device if device is None else device
         seed = self.seed if seed is None else seed
-        if len(data) == 0:
-            raise OnnxPruneError("criterion taylor needs at least one calibration sample")
-        loss_fn = make_loss(self.loss)
-        graph = TorchGraph(model, requires_grad=False).to(device)
-        if len(graph.input_names) != 1:
-            raise OnnxPruneError(f"criterion taylor supports models with one input, this one has "
-                                 f"{len(graph.input_names)} ({', '.join(graph.input_names)})")
+        graph, loss_fn = scoring_setup("taylor", model, data, self.loss, device)
         G, offsets = channel_gates(analysis, graph, device, model=model)
         acc = torch.zeros(G.shape[0], dtype=torch.float64, device=device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for x, y in data.batches(batch_size):
-                xt = torch.from_numpy(np.ascontiguousarray(x)).to(device)
-                yt = None if y is None else torch.from_numpy(np.asarray(y)).to(device)
-                out = graph(xt)[0]
-                loss = loss_fn(out, yt)
-                (grad,) = torch.autograd.grad(loss, G, allow_unused=True)
-                if grad is not None:
-                    acc += grad.detach().to(torch.float64) ** 2
+        gen = torch.Generator(device=device).manual_seed(seed)
+        for b in calibration_batches(data, batch_size, device):
+            out = graph(b.x)
+            ref = tuple(o.detach() for o in out)  # gates are all one: the original's outputs
+            if loss_fn.uses_teacher:
+                loss = loss_fn.fisher_sample(out, b.y, ref, generator=gen)
+            else:
+                loss = loss_fn(out, b.y, ref)
+            (grad,) = torch.autograd.grad(loss, G, allow_unused=True)
+            if grad is not None:
+                acc += grad.detach().to(torch.float64) ** 2
         graph.clear_gates()
         scores = acc.cpu().numpy()
         return {g.id: scores[offsets[g.id]:offsets[g.id + 1]].copy() for g in analysis.groups if g.prunable}
