@@ -68,8 +68,11 @@ def test_json_round_trip_schema():
     d = json.loads(json.dumps(r.to_dict(), allow_nan=False))
     assert set(d) == {
         "input", "output", "criterion", "target", "macs", "params", "latency_ms", "groups",
-        "stage_seconds", "reachable", "warnings", "fidelity",
+        "stage_seconds", "reachable", "warnings", "fidelity", "criterion_info",
     }
+    assert d["criterion_info"] == {}
+    info = {"ensemble_members": 4, "spread": 0.25}
+    assert json.loads(json.dumps(make_report(criterion_info=info).to_dict()))["criterion_info"] == info
     assert d["input"] == "resnet50.onnx" and d["output"] == "resnet50.pruned.onnx"
     assert d["criterion"] == "cpmc" and d["target"] == "macs=0.5"
     assert d["macs"] == {"before": 4_089_000_000, "after": 2_050_000_000, "ratio": pytest.approx(r.macs_ratio)}
