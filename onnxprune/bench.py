@@ -10,14 +10,25 @@ Rules :func:`measure_latency` follows:
   :func:`time.perf_counter`; the median is the headline figure, p90 / mean / min are
   kept alongside;
 - an execution provider that onnxruntime does not offer is an :class:`OnnxPruneError`
-  naming it and the available ones (never a silent fall-back to CPU).
+  naming it and the available ones (never a silent fall-back to CPU); a provider that
+  onnxruntime lists but cannot start (e.g. CUDA without a GPU), so that the session falls
+  back to another, is an error too;
+- peak memory (``memory=True``): the process's resident set size (RSS, via psutil) is
+  sampled every millisecond by a background thread during session creation and the
+  warm-up runs (one extra untimed run when ``warmup`` is 0), never during the timed runs;
+  the figure is the peak RSS minus the RSS just before the session was created, in MiB.
+  It counts CPU memory only (weights, onnxruntime's arena, activations), not GPU memory,
+  and memory the process freed earlier and reuses is not seen as an increase (so the
+  first model measured in a process also pays onnxruntime's one-time initialisation).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +36,19 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxprune.errors import ModelLoadError, OnnxPruneError
-from onnxprune.inputs import graph_inputs, make_inputs
+from onnxprune.errors import InputShapeError, ModelLoadError, OnnxPruneError
+from onnxprune.inputs import graph_inputs, make_inputs, resolve_input_shapes
 from onnxprune.verify import Provider, ort_message, check_providers, make_session, model_source
 
-__all__ = ["LatencyStats", "measure_latency", "speedup"]
+__all__ = ["PROVIDER_NAMES", "LatencyStats", "available_providers", "batch_shapes", "measure_latency",
+           "resolve_provider", "speedup"]
+
+#: Short provider names accepted on the command line -> onnxruntime names, in bench order.
+PROVIDER_NAMES: dict[str, str] = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
 
 
 @dataclass(frozen=True)
@@ -44,9 +63,11 @@ class LatencyStats:
     provider: str
     threads: int | None
     batch: int
+    peak_memory_mb: float | None = None
 
     def to_dict(self) -> dict[str, float | int | str | None]:
-        """JSON-ready form with the unit dropped from the keys (``median``, ``p90``, ...)."""
+        """JSON-ready form with the unit dropped from the time keys (``median``, ``p90``, ...);
+        ``peak_memory_mb`` is MiB (None when not measured)."""
         return {
             "median": self.median_ms,
             "p90": self.p90_ms,
@@ -56,7 +77,96 @@ class LatencyStats:
             "provider": self.provider,
             "threads": self.threads,
             "batch": self.batch,
+            "peak_memory_mb": self.peak_memory_mb,
         }
+
+
+def resolve_provider(name: str) -> str:
+    """onnxruntime name of a provider given as ``cpu``/``cuda``/``tensorrt`` (any case) or in
+    full (``CUDAExecutionProvider``).
+
+    Raises:
+        OnnxPruneError: an unknown name (the message lists the accepted ones).
+    """
+    key = name.strip()
+    if key.lower() in PROVIDER_NAMES:
+        return PROVIDER_NAMES[key.lower()]
+    if key in PROVIDER_NAMES.values() or key in ort.get_all_providers():
+        return key
+    raise OnnxPruneError(f"unknown execution provider {name!r}; choose from {', '.join(PROVIDER_NAMES)} "
+                         "or a full onnxruntime provider name")
+
+
+def available_providers() -> tuple[list[str], list[str]]:
+    """(usable, skipped) among CPU, CUDA and TensorRT: ``usable`` lists the onnxruntime names
+    this onnxruntime build offers (CPU always); ``skipped`` has one message per other one,
+    saying why it is left out."""
+    offered = set(ort.get_available_providers())
+    usable, skipped = [], []
+    for short, full in PROVIDER_NAMES.items():
+        if full in offered:
+            usable.append(full)
+        else:
+            skipped.append(f"{full} skipped: not offered by this onnxruntime (needs onnxruntime-gpu and a GPU)")
+    return usable, skipped
+
+
+def batch_shapes(model: onnx.ModelProto, batch: int,
+                 overrides: Mapping[str, tuple[int, ...]] | None = None, *,
+                 label: str = "model") -> dict[str, tuple[int, ...]]:
+    """Concrete input shapes with dim 0 of every input of rank >= 1 set to ``batch``.
+
+    Other dims come from ``overrides`` or the declared shape (symbolic ones: 224, see
+    :func:`onnxprune.inputs.resolve_input_shapes`).
+
+    Raises:
+        InputShapeError: ``batch`` < 1, or an input declares a fixed dim 0 other than
+            ``batch`` (the message names ``label``, the input and both sizes).
+    """
+    if batch < 1:
+        raise InputShapeError(f"batch size {batch} must be at least 1")
+    shapes = resolve_input_shapes(model, overrides, batch=batch)
+    for vi in graph_inputs(model):
+        dims = vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else ()
+        shape = shapes[vi.name]
+        if not shape:
+            continue
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 and dims[0].dim_value != batch:
+            raise InputShapeError(f"{label}: input {vi.name!r} has a fixed batch dim of {dims[0].dim_value}; "
+                                  f"it cannot run at batch {batch}")
+        shapes[vi.name] = (batch,) + tuple(shape[1:])
+    return shapes
+
+
+class _PeakRss:
+    """Context manager: peak RSS increase (MiB) of this process, sampled by a thread."""
+
+    def __init__(self, interval_s: float = 0.001) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self.base = self.peak = 0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __enter__(self) -> "_PeakRss":
+        self.base = self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def increase_mb(self) -> float:
+        return max(0, self.peak - self.base) / 2**20
 
 
 def _load_header(path: str | os.PathLike) -> onnx.ModelProto:
@@ -86,12 +196,21 @@ def measure_latency(
     repeat: int = 30,
     threads: int | None = None,
     seed: int = 0,
+    memory: bool = False,
+    on_run: Callable[[], None] | None = None,
 ) -> LatencyStats:
     """Median (and p90, mean, min) onnxruntime latency of ``model`` in milliseconds.
 
     ``model`` may be a ModelProto or a path (external data next to it is found by
     onnxruntime). ``input_shapes`` gives the concrete shape of every graph input;
-    ``batch`` in the result is dim 0 of the first one.
+    ``batch`` in the result is dim 0 of the first one. ``memory=True`` also measures
+    the peak memory (see the module docstring); ``on_run`` is called after every run,
+    warm-up included (progress bars).
+
+    Raises:
+        ModelLoadError: the file is missing or unreadable.
+        OnnxPruneError: bad ``repeat``/``warmup``/``threads``, a provider that is not
+            available or falls back to another, a missing input shape, or a failed run.
     """
     if repeat < 1:
         raise OnnxPruneError(f"repeat must be at least 1, got {repeat}")
@@ -113,25 +232,37 @@ def measure_latency(
     if threads is not None:
         options.intra_op_num_threads = threads
 
+    tick = on_run or (lambda: None)
+    peak = _PeakRss() if memory else contextlib.nullcontext()
     with model_source(model) as source:  # the session is used inside: it may map the file
-        sess = make_session(source, providers, options=options, label="model")
-        names = [o.name for o in sess.get_outputs()]
-        wanted = {i.name for i in sess.get_inputs()}
-        missing = sorted(wanted - set(feeds))
-        if missing:
-            raise OnnxPruneError(f"no input shape for model input {missing[0]!r}")
-        feeds = {k: v for k, v in feeds.items() if k in wanted}
+        with peak:
+            sess = make_session(source, providers, options=options, label="model")
+            provider = sess.get_providers()[0]
+            wanted_provider = providers[0] if isinstance(providers[0], str) else providers[0][0]
+            if provider != wanted_provider:
+                raise OnnxPruneError(f"onnxruntime could not use {wanted_provider} for this model "
+                                     f"(it fell back to {provider}); is the device present?")
+            names = [o.name for o in sess.get_outputs()]
+            wanted = {i.name for i in sess.get_inputs()}
+            missing = sorted(wanted - set(feeds))
+            if missing:
+                raise OnnxPruneError(f"no input shape for model input {missing[0]!r}")
+            feeds = {k: v for k, v in feeds.items() if k in wanted}
+            try:
+                for _ in range(max(warmup, 1 if memory else 0)):
+                    sess.run(names, feeds)
+                    tick()
+            except Exception as exc:
+                raise OnnxPruneError(f"onnxruntime failed to run the model: {ort_message(exc)}") from exc
         try:
-            for _ in range(warmup):
-                sess.run(names, feeds)
             times = np.empty(repeat, dtype=np.float64)
             for i in range(repeat):
                 t0 = time.perf_counter()
                 sess.run(names, feeds)
                 times[i] = time.perf_counter() - t0
+                tick()
         except Exception as exc:
             raise OnnxPruneError(f"onnxruntime failed to run the model: {ort_message(exc)}") from exc
-        provider = sess.get_providers()[0]
     times *= 1e3
 
     return LatencyStats(
@@ -143,6 +274,7 @@ def measure_latency(
         provider=provider,
         threads=threads,
         batch=_batch(proto, shapes),
+        peak_memory_mb=peak.increase_mb if memory else None,
     )
 
 

@@ -13,12 +13,17 @@ from onnxprune.analysis.groups import Analysis
 from onnxprune.errors import PlanError
 
 
+#: ``PlanOptions.round_to`` value asking for a measured round_to (``--round-to auto``).
+ROUND_TO_AUTO = "auto"
+
+
 class TargetKind(str, Enum):
     """What a target fraction measures."""
 
     RATIO = "ratio"  # fraction of prunable channels removed
     MACS = "macs"  # fraction of MACs kept
     PARAMS = "params"  # fraction of params kept
+    LATENCY = "latency"  # fraction of the original's measured latency kept (needs a latency model)
 
 
 class Scope(str, Enum):
@@ -63,7 +68,9 @@ class PlanOptions:
     Attributes:
         scope: global ranking of normalised scores, or the same fraction in every group.
         round_to: kept channel counts are multiples of this (hardware alignment); groups
-            smaller than it are left whole.
+            smaller than it are left whole. :data:`ROUND_TO_AUTO` (``"auto"``) asks for
+            a measured choice, which must be resolved to an int
+            (:func:`onnxprune.latency.sweep.channel_sweep`) before planning.
         max_layer_ratio: at most this fraction of any group's channels is removed.
         min_channels: every group keeps at least this many channels (at least 1).
         exclude: fnmatch patterns of node names; groups with a member node matching
@@ -71,7 +78,7 @@ class PlanOptions:
     """
 
     scope: Scope = Scope.GLOBAL
-    round_to: int = 1
+    round_to: int | str = 1
     max_layer_ratio: float = 1.0
     min_channels: int = 1
     exclude: tuple[str, ...] = ()
@@ -79,8 +86,9 @@ class PlanOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "scope", _enum(Scope, self.scope, "scope"))
         object.__setattr__(self, "exclude", tuple(self.exclude))
-        if self.round_to < 1:
-            raise PlanError(f"round_to must be >= 1, got {self.round_to}")
+        if self.round_to != ROUND_TO_AUTO and (isinstance(self.round_to, (bool, str)) or
+                                               not isinstance(self.round_to, int) or self.round_to < 1):
+            raise PlanError(f"round_to must be an integer >= 1 or {ROUND_TO_AUTO!r}, got {self.round_to!r}")
         if not 0.0 < self.max_layer_ratio <= 1.0:
             raise PlanError(f"max_layer_ratio must lie in (0, 1], got {self.max_layer_ratio}")
         if self.min_channels < 1:

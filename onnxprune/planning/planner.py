@@ -15,6 +15,13 @@ Rules, in order:
 4. For MACs/params targets, k (or the layer fraction) is found by bisection on the
    exact predicted count; when even the largest removal misses the target, the plan
    keeps that largest removal and records the reachable fraction and a warning.
+5. Latency targets need a latency model (:class:`LatencyPredictor`, e.g.
+   :class:`onnxprune.latency.model.LatencyModel`): channels are ranked by normalised
+   score divided by the latency their removal alone saves (``saved_ms``; a channel that
+   saves nothing ranks last), within a group too, and k is bisected on the predicted
+   latency fraction ``predict_ms(removed) / total_ms`` against ``latency_goal``
+   (default: the target's value). Whether the *measured* latency meets the target is
+   the caller's business (:mod:`onnxprune.latency.search`).
 """
 
 from __future__ import annotations
@@ -22,11 +29,24 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import numpy as np
 
 from onnxprune.analysis.groups import Analysis, ChannelGroup
-from onnxprune.planning.plan import PlanOptions, PruningPlan, Scope, Target, TargetKind
+from onnxprune.errors import PlanError
+from onnxprune.planning.plan import ROUND_TO_AUTO, PlanOptions, PruningPlan, Scope, Target, TargetKind
+
+
+class LatencyPredictor(Protocol):
+    """What the planner needs of a latency model (times in ms, group ids of the analysis)."""
+
+    @property
+    def total_ms(self) -> float: ...
+
+    def predict_ms(self, removed: Mapping[int, np.ndarray]) -> float: ...
+
+    def saved_ms(self) -> list[np.ndarray]: ...
 
 
 def _excluded(g: ChannelGroup, patterns: tuple[str, ...]) -> bool:
@@ -87,22 +107,40 @@ def _choose(g: ChannelGroup, scores: np.ndarray, r: int) -> np.ndarray:
 
 
 def make_plan(analysis: Analysis, scores: Mapping[int, np.ndarray | None], target: Target,
-              options: PlanOptions = PlanOptions(), *, normalize: bool = True) -> PruningPlan:
+              options: PlanOptions = PlanOptions(), *, normalize: bool = True,
+              latency: LatencyPredictor | None = None, latency_goal: float | None = None) -> PruningPlan:
     """Plan which channels to remove to meet ``target``.
 
     Args:
         analysis: the model's channel analysis.
         scores: ``{group id: float [size]}``, higher = more important; None or a
             missing id leaves the group whole.
-        target: channels removed (``ratio``) or MACs/params kept.
+        target: channels removed (``ratio``), MACs/params kept, or latency kept.
         options: planner options (scope, round_to, caps, exclusions).
         normalize: divide each group's scores by their mean before global ranking
             (False for criteria that are already comparable across groups).
+        latency: latency model, required by latency targets (rule 5).
+        latency_goal: predicted latency fraction to reach (latency targets; default
+            ``target.value``), in (0, 1].
 
     Returns:
         The plan, with predicted MACs/params and, when the target is out of reach, the
         reachable fraction and a warning.
+
+    Raises:
+        PlanError: a latency target without a latency model, a goal outside (0, 1], or
+            an unresolved ``round_to="auto"``.
+        ValueError: a score array whose length is not its group's size.
     """
+    if options.round_to == ROUND_TO_AUTO:
+        raise PlanError("round_to 'auto' must be resolved by a channel sweep before planning "
+                        "(onnxprune.latency.sweep.channel_sweep)")
+    by_latency = target.kind is TargetKind.LATENCY
+    if by_latency and latency is None:
+        raise PlanError("a latency target needs a latency model (measured with onnxruntime)")
+    goal_latency = target.value if latency_goal is None else float(latency_goal)
+    if by_latency and not 0.0 < goal_latency <= 1.0:
+        raise PlanError(f"latency goal {goal_latency} must lie in (0, 1]")
     cands = [g for g in analysis.groups
              if g.prunable and scores.get(g.id) is not None and not _excluded(g, options.exclude)]
     caps = {g.id: _max_removal(g, options) for g in cands}
@@ -111,6 +149,9 @@ def make_plan(analysis: Analysis, scores: Mapping[int, np.ndarray | None], targe
     for g in cands:
         if sc[g.id].shape != (g.size,):
             raise ValueError(f"criterion gave {sc[g.id].shape} scores for group {g.name} of size {g.size}")
+    if by_latency:
+        sc = _per_latency(sc, latency.saved_ms(), normalize)
+        normalize = False
 
     if options.scope is Scope.GLOBAL:
         keys, owners = [], []
@@ -120,6 +161,7 @@ def make_plan(analysis: Analysis, scores: Mapping[int, np.ndarray | None], targe
             norm = s / mean if (normalize and mean > 0) else s
             # the channels a group can lose are its lowest-scored ones, in order
             order = np.sort(norm)[: caps[g.id]]
+            order = order[np.isfinite(order)]  # latency keys: channels that save nothing stay
             keys.append(order)
             owners.append(np.full(len(order), g.id))
         keys_a = np.concatenate(keys) if keys else np.zeros(0)
@@ -151,12 +193,14 @@ def make_plan(analysis: Analysis, scores: Mapping[int, np.ndarray | None], targe
     def measure(rem: dict[int, np.ndarray]) -> float:
         if target.kind is TargetKind.RATIO:
             return 1.0 - sum(len(v) for v in rem.values()) / total  # fraction kept
+        if by_latency:
+            return latency.predict_ms(rem) / max(latency.total_ms, 1e-12)
         elems = analysis.removed_elements(rem)
         if target.kind is TargetKind.MACS:
             return analysis.count("macs", elems) / max(macs0, 1)
         return analysis.count("params", elems) / max(params0, 1)
 
-    goal = 1.0 - target.value if target.kind is TargetKind.RATIO else target.value
+    goal = 1.0 - target.value if target.kind is TargetKind.RATIO else (goal_latency if by_latency else target.value)
     k = _bisect(lambda k: measure(removal(k)) <= goal + 1e-12, n_max)
     warnings: list[str] = []
     reachable = None
@@ -175,6 +219,19 @@ def make_plan(analysis: Analysis, scores: Mapping[int, np.ndarray | None], targe
         macs_before=macs0, macs_after=analysis.count("macs", elems),
         params_before=params0, params_after=analysis.count("params", elems),
         target=target, reachable=reachable, warnings=tuple(warnings))
+
+
+def _per_latency(sc: dict[int, np.ndarray], saved: list[np.ndarray], normalize: bool) -> dict[int, np.ndarray]:
+    """Ranking keys of rule 5: (normalised) score per ms saved; channels saving nothing get
+    ``inf`` (removed last, and never for latency's sake)."""
+    out = {}
+    for gid, s in sc.items():
+        mean = float(np.abs(s).mean())
+        norm = s / mean if (normalize and mean > 0) else s
+        ms = np.asarray(saved[gid], dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[gid] = np.where(ms > 0, norm / np.where(ms > 0, ms, 1.0), np.inf)
+    return out
 
 
 def _bisect(ok: Callable[[int], bool], n_max: int) -> int:
