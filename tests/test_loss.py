@@ -97,3 +97,9 @@ def test_resolve_auto_and_errors():
         resolve_loss("hinge", has_labels=True, first_output_rank=2)
     with pytest.raises(OnnxPruneError, match="unknown loss 'auto'"):
         make_loss("auto")
+
+
+def test_prefer_teacher_resolves_auto_to_the_teacher_loss_even_with_labels():
+    assert resolve_loss("auto", has_labels=True, first_output_rank=2, prefer_teacher=True).kind == "kl"
+    assert resolve_loss("auto", has_labels=True, first_output_rank=3, prefer_teacher=True).kind == "mse"
+    assert resolve_loss("ce", has_labels=True, first_output_rank=2, prefer_teacher=True).kind == "ce"

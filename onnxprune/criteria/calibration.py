@@ -45,7 +45,7 @@ def first_output_rank(model: onnx.ModelProto) -> int:
 
 
 def scoring_setup(name: str, model: onnx.ModelProto, data: CalibrationData, loss: str,
-                  device: str | torch.device) -> tuple[TorchGraph, Loss]:
+                  device: str | torch.device, *, prefer_teacher: bool = False) -> tuple[TorchGraph, Loss]:
     """The model's TorchGraph on ``device`` (weights frozen) and the resolved loss.
 
     Args:
@@ -54,6 +54,8 @@ def scoring_setup(name: str, model: onnx.ModelProto, data: CalibrationData, loss
         data: calibration data (labels decide ``auto``'s loss).
         loss: ``auto``, ``ce``, ``kl`` or ``mse`` (see :mod:`onnxprune.criteria.loss`).
         device: torch device.
+        prefer_teacher: ``auto`` means the teacher loss even with labels
+            (:func:`~onnxprune.criteria.loss.resolve_loss`).
 
     Raises:
         OnnxPruneError: no samples, several graph inputs, an unknown loss or one the
@@ -61,7 +63,8 @@ def scoring_setup(name: str, model: onnx.ModelProto, data: CalibrationData, loss
     """
     if len(data) == 0:
         raise OnnxPruneError(f"criterion {name} needs at least one calibration sample")
-    resolved = resolve_loss(loss, has_labels=data.y is not None, first_output_rank=first_output_rank(model))
+    resolved = resolve_loss(loss, has_labels=data.y is not None, first_output_rank=first_output_rank(model),
+                            prefer_teacher=prefer_teacher)
     graph = TorchGraph(model, requires_grad=False).to(device)
     if len(graph.input_names) != 1:
         raise OnnxPruneError(f"criterion {name} supports models with one input, this one has "

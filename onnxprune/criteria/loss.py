@@ -11,7 +11,10 @@ Kinds (``--loss``):
   different scales weigh alike), summed over outputs. For detectors, OCR, anything that
   is not a classifier.
 - ``auto``: ``ce`` with labels; without labels ``kl`` when the first output is 2-D
-  (a classifier) and ``mse`` otherwise (the rule of issue 3 / DESIGN.md).
+  (a classifier) and ``mse`` otherwise (the rule of issue 3 / DESIGN.md). A criterion
+  built on a second-order expansion around a minimum (``ifso``) asks for the teacher
+  loss even with labels (``prefer_teacher``): only the teacher loss is exactly at a
+  stationary point at the unpruned weights.
 
 The teacher losses (``kl``, ``mse``) are at their minimum where the model *is* the
 teacher, i.e. at the unpruned point: their gradient with respect to every gate or
@@ -161,13 +164,16 @@ class Loss:
         return total
 
 
-def resolve_loss(kind: str = "auto", *, has_labels: bool, first_output_rank: int) -> Loss:
+def resolve_loss(kind: str = "auto", *, has_labels: bool, first_output_rank: int,
+                 prefer_teacher: bool = False) -> Loss:
     """The :class:`Loss` that ``kind`` means for this data and model.
 
     Args:
         kind: one of ``auto``, ``ce``, ``kl``, ``mse``.
         has_labels: whether the calibration data carries labels.
         first_output_rank: rank of the model's first output (2 = classifier logits).
+        prefer_teacher: ``auto`` resolves to the teacher loss (``kl`` / ``mse``) even
+            when labels exist.
 
     Raises:
         OnnxPruneError: unknown kind; ``ce``/``kl`` asked for a first output that is not 2-D.
@@ -175,7 +181,7 @@ def resolve_loss(kind: str = "auto", *, has_labels: bool, first_output_rank: int
     if kind not in KINDS:
         raise OnnxPruneError(f"unknown loss {kind!r}; choose from {', '.join(KINDS)}")
     if kind == "auto":
-        kind = "ce" if has_labels else ("kl" if first_output_rank == 2 else "mse")
+        kind = "ce" if has_labels and not prefer_teacher else ("kl" if first_output_rank == 2 else "mse")
     if kind in ("ce", "kl") and first_output_rank != 2:
         raise OnnxPruneError(f"loss {kind} needs a classifier output [N, classes], but the model's first output has "
                              f"rank {first_output_rank}; use --loss mse for other models")
