@@ -9,9 +9,9 @@ from onnxprune.criteria.random import Random
 from onnxprune.errors import OnnxPruneError
 
 DATA_FREE = {"l1": L1, "l2": L2, "bn": BN, "cpmc": CPMC, "random": Random}
-DATA_DRIVEN = ("taylor",)
+DATA_DRIVEN = ("taylor", "ifso", "infcp")
 """Data-driven criteria available now (imported lazily: they pull in torch)."""
-NOT_YET = ("infcp", "ifso")
+NOT_YET = ()
 
 
 def get_criterion(name: str, **kwargs) -> Criterion:
@@ -26,6 +26,14 @@ def get_criterion(name: str, **kwargs) -> Criterion:
         from onnxprune.criteria.taylor import Taylor
 
         return Taylor(**kwargs)
+    if name == "ifso":
+        from onnxprune.criteria.ifso import IFSO
+
+        return IFSO(**kwargs)
+    if name == "infcp":
+        from onnxprune.criteria.infcp import InfCP
+
+        return InfCP(**kwargs)
     if name in NOT_YET:
         raise OnnxPruneError(f"criterion {name} needs calibration data and the torch executor, not available yet")
     raise OnnxPruneError(f"unknown criterion {name!r}; choose from {', '.join(sorted([*DATA_FREE, *DATA_DRIVEN]))}")
