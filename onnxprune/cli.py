@@ -14,6 +14,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from onnxprune.cli_options import data_options, finetune_from, finetune_options, load_data
 from onnxprune.errors import InputShapeError, OnnxPruneError
 from onnxprune.inputs import parse_input_shape
 from onnxprune.planning import PlanOptions, Scope, Target, TargetKind
@@ -42,25 +43,17 @@ def _shapes(specs: tuple[str, ...]) -> dict[str, tuple[int, ...]] | None:
     return out or None
 
 
-def _floats(text: str | None, option: str, kind=float) -> tuple | None:
-    """'0.5,0.5,0.5' -> (0.5, 0.5, 0.5); None stays None."""
-    if text is None:
-        return None
-    try:
-        return tuple(kind(v) for v in text.split(","))
-    except ValueError:
-        raise OnnxPruneError(f"{option} {text!r}: expected comma-separated numbers") from None
-
-
 _input_shape = click.option("--input-shape", "input_shape", multiple=True, metavar="NAME:D0,D1,...",
                             help="Concrete shape of a graph input (repeatable). Symbolic dims default "
                                  "to 1 for the batch and 224 elsewhere.")
 
 
-def _criterion_args(criterion: str, cpmc_a: float, cpmc_b: float, loss: str) -> dict:
+def _criterion_args(criterion: str, cpmc_a: float, cpmc_b: float, loss: str, ensemble: int = 4) -> dict:
     """Keyword arguments of the criterion from the options that concern it."""
     if criterion == "cpmc":
         return {"a": cpmc_a, "b": cpmc_b}
+    if criterion == "infcp":
+        return {"loss": loss, "members": ensemble}
     if criterion in ("taylor", "infcp", "ifso"):
         return {"loss": loss}
     return {}
@@ -82,9 +75,14 @@ def main() -> None:
 @click.option("--ratio", type=float, default=None, help="Fraction of prunable channels to remove.")
 @click.option("--target-macs", type=float, default=None, help="Fraction of MACs to keep (default 0.7).")
 @click.option("--target-params", type=float, default=None, help="Fraction of params to keep.")
+@click.option("--target-latency", type=float, default=None,
+              help="Fraction of the original's measured latency to reach (profiled, planned, measured).")
+@click.option("--provider", default="cpu", show_default=True,
+              help="onnxruntime provider for latency: cpu, cuda, tensorrt (or a full provider name).")
 @click.option("--scope", type=click.Choice(["global", "layer"]), default="global", show_default=True,
               help="Rank channels across the network or prune every group by the same fraction.")
-@click.option("--round-to", type=int, default=1, show_default=True, help="Kept channel counts are multiples of N.")
+@click.option("--round-to", default="1", show_default=True,
+              help="Kept channel counts are multiples of N; 'auto' measures a channel sweep to choose N.")
 @click.option("--max-layer-ratio", type=float, default=1.0, show_default=True,
               help="At most this fraction of any group's channels is removed.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="fnmatch pattern of node names never pruned.")
@@ -98,26 +96,23 @@ def main() -> None:
 @click.option("--cpmc-a", type=float, default=0.5, show_default=True, help="cpmc: exponent of the MACs term.")
 @click.option("--cpmc-b", type=float, default=0.5, show_default=True, help="cpmc: exponent of the params term.")
 @click.option("--strict-target", is_flag=True, help="Fail when the target is out of reach.")
-@click.option("--data", "data_path", type=click.Path(), default=None,
-              help="Calibration data: .npz (x [, y]), .npy, or a folder of images (sub-folders = classes).")
-@click.option("--image-size", default=None, metavar="H,W", help="Image folders: resize to H,W.")
-@click.option("--mean", default="0", show_default=True, metavar="M[,M,M]", help="Image folders: per-channel mean.")
-@click.option("--std", default="1", show_default=True, metavar="S[,S,S]", help="Image folders: per-channel std.")
-@click.option("--scale", type=float, default=1 / 255, show_default=True, help="Image folders: pixel scale.")
-@click.option("--channel-order", type=click.Choice(["RGB", "BGR"]), default="RGB", show_default=True)
-@click.option("--grayscale", is_flag=True, help="Image folders: one channel.")
-@click.option("--samples", type=int, default=None, help="Use at most N calibration samples.")
+@data_options
+@click.option("--recalibrate-bn", is_flag=True,
+              help="After pruning (needs --data): bias compensation of removed channels, BN statistics re-estimated.")
+@finetune_options("finetune-", epochs_default=0)
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Calibration batch size.")
 @click.option("--device", default="auto", show_default=True, help="Torch side: auto, cpu, cuda or cuda:N.")
 @click.option("--loss", type=click.Choice(["auto", "ce", "kl", "mse"]), default="auto", show_default=True,
               help="Loss of data-driven criteria: auto = ce with labels, else kl (classifiers) or mse "
                    "(other outputs) to the original model.")
+@click.option("--ensemble", type=int, default=4, show_default=True,
+              help="infcp: ensemble members (copies fine-tuned on disjoint shards of the data).")
 @click.option("-v", "--verbose", is_flag=True, help="Show every group in the report.")
 @_user_errors
 def compress(model, output, criterion, ratio, target_macs, target_params, scope, round_to, max_layer_ratio,
              exclude, input_shape, report_path, plan_out, no_bench, bench_repeat, threads, seed, cpmc_a, cpmc_b,
              strict_target, data_path, image_size, mean, std, scale, channel_order, grayscale, samples,
-             batch_size, device, loss, verbose):
+             batch_size, device, loss, verbose, target_latency, provider, ensemble, recalibrate_bn, **finetune):
     """Prune MODEL and write a smaller ONNX model, with a report."""
     from onnxprune.io import check_side_output, default_output_path
     from onnxprune.pipeline import CompressOptions, compress as run
@@ -128,25 +123,27 @@ def compress(model, output, criterion, ratio, target_macs, target_params, scope,
     if plan_out:
         check_side_output(plan_out, models=[model, out_model])
 
-    given = [(k, v) for k, v in ((TargetKind.RATIO, ratio), (TargetKind.MACS, target_macs),
-                                  (TargetKind.PARAMS, target_params)) if v is not None]
-    if len(given) > 1:
-        raise OnnxPruneError("give only one of --ratio, --target-macs, --target-params")
-    target = Target(*given[0]) if given else Target(TargetKind.MACS, 0.7)
-    data = None
-    if data_path is not None:
-        from onnxprune.data import load_calibration
+    from onnxprune.cli_bench import checked_provider, parse_round_to
 
-        data = load_calibration(data_path, image_size=_floats(image_size, "--image-size", int),
-                                mean=_floats(mean, "--mean"), std=_floats(std, "--std"), scale=scale,
-                                channel_order=channel_order, grayscale=grayscale)
+    given = [(k, v) for k, v in ((TargetKind.RATIO, ratio), (TargetKind.MACS, target_macs),
+                                  (TargetKind.PARAMS, target_params), (TargetKind.LATENCY, target_latency))
+             if v is not None]
+    if len(given) > 1:
+        raise OnnxPruneError("give only one of --ratio, --target-macs, --target-params, --target-latency")
+    target = Target(*given[0]) if given else Target(TargetKind.MACS, 0.7)
+    data = load_data(data_path, image_size, mean, std, scale, channel_order, grayscale)
+    ft = None
+    if finetune["finetune_epochs"]:
+        ft = finetune_from(finetune, "finetune-", batch_size=batch_size, loss=loss, device=device, seed=seed,
+                           progress=True)
     opts = CompressOptions(
         criterion=criterion, target=target,
-        plan=PlanOptions(Scope(scope), round_to, max_layer_ratio, 1, tuple(exclude)),
+        plan=PlanOptions(Scope(scope), parse_round_to(round_to), max_layer_ratio, 1, tuple(exclude)),
         input_shapes=_shapes(input_shape), seed=seed,
-        criterion_args=_criterion_args(criterion, cpmc_a, cpmc_b, loss),
+        criterion_args=_criterion_args(criterion, cpmc_a, cpmc_b, loss, ensemble),
         strict_target=strict_target, bench=not no_bench, bench_repeat=bench_repeat, threads=threads,
-        data=data, samples=samples, batch_size=batch_size, device=device)
+        recalibrate_bn=recalibrate_bn, finetune=ft,
+        data=data, samples=samples, batch_size=batch_size, device=device, provider=checked_provider(provider))
     res = run(model, output, opts)
     res.report.render(Console(), verbose=verbose)
     if report_path:
@@ -208,6 +205,11 @@ def analyze(model, input_shape, json_path, verbose):
             "layers": [{"node": n, "macs": v[0], "params": v[1]} for n, v in per_node.items()],
         }, indent=1))
 
+
+from onnxprune.cli_bench import bench  # noqa: E402  (needs the helpers above)
+from onnxprune import cli_recover  # noqa: E402,F401  (registers eval and finetune on main)
+
+main.add_command(bench)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

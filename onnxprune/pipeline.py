@@ -4,6 +4,7 @@ module only chains them, times them and collects the report."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Mapping
@@ -22,7 +23,10 @@ from onnxprune.data import CalibrationData
 from onnxprune.errors import OnnxPruneError, OutputPathError, PlanError
 from onnxprune.inputs import resolve_input_shapes
 from onnxprune.io import default_output_path, load_model, save_model
-from onnxprune.planning import PlanOptions, PruningPlan, Target, TargetKind, make_plan
+from onnxprune.latency.search import search_latency
+from onnxprune.latency.sweep import channel_sweep
+from onnxprune.planning import ROUND_TO_AUTO, PlanOptions, PruningPlan, Target, TargetKind, make_plan
+from onnxprune.recover.training import FinetuneOptions
 from onnxprune.report import CompressReport, GroupRow
 from onnxprune.shapes import measure_shapes
 from onnxprune.surgery import apply_plan
@@ -65,10 +69,16 @@ class CompressOptions:
         strict_target: fail with PlanError instead of stopping at the reachable figure.
         bench: measure onnxruntime CPU latency before and after.
         bench_warmup / bench_repeat / threads: latency measurement settings.
+        provider: onnxruntime execution provider of the latency measurements, the channel
+            sweep (``plan.round_to == "auto"``) and latency targets.
         data: calibration data, required by data-driven criteria (``taylor``, ...).
         samples: use at most this many calibration samples (seeded draw); None = all.
         batch_size: calibration batch size (bounds the torch side's memory).
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]`` for the torch side.
+        recalibrate_bn: after surgery, bias compensation of the removed channels and BN
+            statistics re-estimated on ``data`` (:mod:`onnxprune.recover`).
+        finetune: after surgery (and re-calibration), fine-tune on ``data`` with these
+            options, the original model as teacher; None = no fine-tuning.
     """
 
     criterion: str = "l1"
@@ -86,6 +96,9 @@ class CompressOptions:
     samples: int | None = None
     batch_size: int = 32
     device: str = "auto"
+    provider: str = "CPUExecutionProvider"
+    recalibrate_bn: bool = False
+    finetune: FinetuneOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -162,6 +175,9 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
     if criterion.requires_data and options.data is None:
         raise OnnxPruneError(f"criterion {options.criterion} needs calibration data: give --data "
                              "(a .npz with x [and y], a .npy, or a folder of images)")
+    if (options.recalibrate_bn or options.finetune is not None) and options.data is None:
+        raise OnnxPruneError("--recalibrate-bn and --finetune-epochs need calibration data: give --data "
+                             "(a .npz with x [and y], a .npy, or a folder of images)")
 
     prep = prepare(input_path, options.input_shapes)
     times = dict(prep.stage_seconds)
@@ -176,8 +192,20 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
                                                device=resolve_device(options.device), seed=options.seed)
         else:
             scores = criterion.score(a, weights_of(prep.model))
+    plan_opts, sweep, search = options.plan, None, None
+    if plan_opts.round_to == ROUND_TO_AUTO:
+        with _timed(times, "sweep"):
+            sweep = channel_sweep(prep.model, a.shapes, provider=options.provider, threads=options.threads)
+        plan_opts = dataclasses.replace(plan_opts, round_to=sweep.round_to)
     with _timed(times, "plan"):
-        plan = make_plan(a, scores, options.target, options.plan, normalize=criterion.normalize)
+        if options.target.kind is TargetKind.LATENCY:  # plan, apply and measure until the target is met
+            search = search_latency(prep.original, prep.model, a, prep.input_shapes, scores, options.target,
+                                    plan_opts, normalize=criterion.normalize, provider=options.provider,
+                                    threads=options.threads, warmup=options.bench_warmup,
+                                    repeat=options.bench_repeat, seed=options.seed)
+            plan = search.plan
+        else:
+            plan = make_plan(a, scores, options.target, plan_opts, normalize=criterion.normalize)
         plan.validate(a)
     if plan.reachable is not None and options.strict_target:
         raise PlanError(plan.warnings[0])
@@ -186,18 +214,25 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
     with _timed(times, "verify"):
         result = verify(pruned, prep.original, prep.input_shapes, seed=options.seed)
         macs_after, params_after = count_model(pruned, prep.input_shapes)
+    recovery = None
+    if options.recalibrate_bn or options.finetune is not None:
+        pruned, result, recovery = _recover(prep, plan, pruned, options, times)
     warnings = list(prep.warnings) + list(plan.warnings)
     if abs(macs_after - plan.macs_after) > 0.005 * max(plan.macs_after, 1):
         warnings.append(f"measured MACs after pruning ({macs_after}) differ from the plan's ({plan.macs_after})")
     lat_before = lat_after = None
-    if options.bench:
+    if search is not None:  # the search measured the chosen model already (a miss is in plan.warnings)
+        lat_before, lat_after = search.before, search.after
+    elif options.bench:
         with _timed(times, "bench"):
             kw = dict(warmup=options.bench_warmup, repeat=options.bench_repeat, threads=options.threads,
-                      seed=options.seed)
+                      seed=options.seed, providers=(options.provider,))
             lat_before = measure_latency(prep.original, prep.input_shapes, **kw)
             lat_after = measure_latency(pruned, prep.input_shapes, **kw)
-        if lat_after.median_ms >= lat_before.median_ms:
-            warnings.append("the pruned model is not faster than the original on CPUExecutionProvider")
+    if lat_after is not None and lat_after.median_ms >= lat_before.median_ms:
+        warnings.append(f"the pruned model is not faster than the original on {lat_after.provider} "
+                        f"({lat_before.median_ms:.2f} -> {lat_after.median_ms:.2f} ms median) although it has "
+                        f"{macs_after / max(a.count('macs'), 1):.2f}x the MACs")
     with _timed(times, "save"):
         save_model(pruned, out_path, input_path=input_path)
     report = CompressReport(
@@ -207,8 +242,42 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
         latency_before=lat_before, latency_after=lat_after, groups=group_rows(a, plan),
         stage_seconds=times,
         reachable=None if plan.reachable is None else f"{plan.target.kind.value}={plan.reachable:.3f}",
-        warnings=tuple(warnings), fidelity=result.to_dict(), criterion_info=getattr(scores, "info", {}))
+        warnings=tuple(warnings), fidelity=result.to_dict(), criterion_info=getattr(scores, "info", {}),
+        round_to=None if sweep is None else {"chosen": sweep.round_to, **sweep.to_dict()},
+        latency_target=None if search is None else search.to_dict(), recovery=recovery)
     return CompressResult(pruned, plan, a, result, report)
+
+
+#: at most this many calibration samples are evaluated before / after recovery for the report
+RECOVERY_EVAL_SAMPLES = 256
+
+
+def _recover(prep: Prepared, plan: PruningPlan, pruned: onnx.ModelProto, options: CompressOptions,
+             times: dict[str, float]) -> tuple[onnx.ModelProto, VerifyResult, dict]:
+    """The recovery stage: :func:`onnxprune.recover.recover`, verify again, and accuracy /
+    agreement on (at most :data:`RECOVERY_EVAL_SAMPLES` of) the calibration data before and
+    after recovery (training data: an optimistic figure, reported as such)."""
+    from onnxprune.evaluate import evaluate
+    from onnxprune.recover import recover
+
+    data = options.data.subset(options.samples, options.seed)
+    data.check(_declared_input_shape(prep.model))
+    removed = {g: np.asarray(v) for g, v in plan.removed.items()}
+    with _timed(times, "recover"):
+        rec = recover(prep.model, pruned, prep.analysis, removed, data, recalibrate=options.recalibrate_bn,
+                      finetune_options=options.finetune, batch_size=options.batch_size, device=options.device)
+    with _timed(times, "verify"):
+        result = verify(rec.model, prep.original, prep.input_shapes, seed=options.seed)
+    info = dict(rec.info)
+    with _timed(times, "recover_eval"):
+        sub = data.subset(RECOVERY_EVAL_SAMPLES, options.seed)
+        before = evaluate(pruned, sub, reference=prep.original, batch_size=options.batch_size)
+        after = evaluate(rec.model, sub, reference=prep.original, batch_size=options.batch_size)
+    info["eval_calibration"] = {
+        "samples": len(sub), "reference_accuracy": after.reference_accuracy,
+        "before": {"accuracy": before.accuracy, "agreement": before.agreement},
+        "after": {"accuracy": after.accuracy, "agreement": after.agreement}}
+    return rec.model, result, info
 
 
 def _declared_input_shape(model: onnx.ModelProto) -> list[int | None]:

@@ -6,11 +6,16 @@ from models itself. ``to_dict()`` gives the JSON schema::
 
     {"input", "output", "criterion", "target",
      "macs": {"before", "after", "ratio"}, "params": {"before", "after", "ratio"},
-     "latency_ms": {"before": {median, p90, mean, min, runs, provider, threads, batch} | null,
-                    "after": ... | null, "speedup": float | null, "ideal_speedup": float},
+     "latency_ms": {"before": {median, p90, mean, min, runs, provider, threads, batch,
+                               peak_memory_mb} | null,
+                    "after": ... | null, "speedup": float | null, "ideal_speedup": float,
+                    "realized_over_ideal": float | null},
      "groups": [{"name", "op", "kept", "total", "blocked_reason"}],
      "stage_seconds": {stage: seconds}, "reachable": str | null,
-     "warnings": [str], "fidelity": {...} | null}
+     "warnings": [str], "fidelity": {...} | null,
+     "round_to": {"chosen", "gains", "shapes", "tables", ...} | null   (--round-to auto),
+     "latency_target": {"target", "measured_fraction", "reached", "measurements",
+                        "rounds", ...} | null                           (--target-latency)}
 
 Non-finite floats (an infinite ratio when a count is zero) are written as ``null`` so the
 file is strict JSON.
@@ -128,6 +133,9 @@ class CompressReport:
     warnings: tuple[str, ...] = ()
     fidelity: Mapping | None = None
     criterion_info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    round_to: Mapping[str, Any] | None = None
+    latency_target: Mapping[str, Any] | None = None
+    recovery: Mapping[str, Any] | None = None
 
     # ------------------------------------------------------------------ figures
     @property
@@ -144,6 +152,12 @@ class CompressReport:
     def ideal_speedup(self) -> float:
         """MACs before / after: the speedup if latency were proportional to MACs."""
         return _ratio(self.macs_before, self.macs_after)
+
+    @property
+    def realized_over_ideal(self) -> float | None:
+        """Measured speedup / ideal (MACs) speedup; None when latency was not measured."""
+        m = self.measured_speedup
+        return None if m is None else _ratio(m, self.ideal_speedup)
 
     @property
     def measured_speedup(self) -> float | None:
@@ -171,6 +185,7 @@ class CompressReport:
                 "after": self.latency_after.to_dict() if self.latency_after else None,
                 "speedup": self.measured_speedup,
                 "ideal_speedup": self.ideal_speedup,
+                "realized_over_ideal": self.realized_over_ideal,
             },
             "groups": [dataclasses.asdict(g) for g in self.groups],
             "stage_seconds": dict(self.stage_seconds),
@@ -178,6 +193,9 @@ class CompressReport:
             "warnings": list(self.warnings),
             "fidelity": self.fidelity,
             "criterion_info": dict(self.criterion_info),
+            "round_to": None if self.round_to is None else dict(self.round_to),
+            "latency_target": None if self.latency_target is None else dict(self.latency_target),
+            "recovery": None if self.recovery is None else dict(self.recovery),
         }
         return _jsonable(d)
 
@@ -204,8 +222,18 @@ class CompressReport:
             highlight=False,
         )
         console.print(self._summary_table())
+        if self.round_to is not None:
+            console.print(f"round_to {self.round_to.get('chosen')} chosen by channel sweep on "
+                          f"{escape(str(self.round_to.get('provider')))}", highlight=False)
+        if self.latency_target is not None:
+            lt = self.latency_target
+            console.print(f"latency target {lt['target']:g}: measured {lt['measured_fraction']:.3f} of the original, "
+                          f"{'reached' if lt['reached'] else '[yellow]not reached[/yellow]'} "
+                          f"after {lt['measurements']} measurement(s)", highlight=False)
         if self.reachable:
             console.print(f"[yellow]target: {escape(self.reachable)}[/yellow]", highlight=False)
+        for line in _recovery_lines(self.recovery):
+            console.print(escape(line), highlight=False)
         for key, value in self.criterion_info.items():
             console.print(f"{escape(self.criterion)} {escape(str(key))}: {escape(_fmt_num(value) if isinstance(value, (int, float)) else str(value))}",
                           highlight=False)
@@ -250,7 +278,9 @@ class CompressReport:
         measured = self.measured_speedup
         t.add_row(
             "speedup", "", "",
-            f"{_fmt_speedup(measured)} measured / {_fmt_speedup(self.ideal_speedup)} ideal (MACs)",
+            f"{_fmt_speedup(measured)} measured / {_fmt_speedup(self.ideal_speedup)} ideal (MACs)"
+            + (f", realized {self.realized_over_ideal:.0%} of ideal" if self.realized_over_ideal is not None
+               and math.isfinite(self.realized_over_ideal) else ""),
         )
         return t
 
@@ -314,6 +344,34 @@ class CompressReport:
             t.add_row(escape(str(stage)), f"{sec:.2f}")
         t.add_row("[bold]total[/bold]", f"[bold]{sum(self.stage_seconds.values()):.2f}[/bold]")
         return t
+
+
+def _recovery_lines(rec: Mapping[str, Any] | None) -> list[str]:
+    """One line per recovery step of ``CompressReport.recovery`` (see onnxprune.recover)."""
+    if not rec:
+        return []
+    lines = []
+    if "bias_compensation" in rec:
+        b = rec["bias_compensation"]
+        lines.append(f"recovery: bias compensation in {b['nodes']} node(s), max |delta| {_fmt_num(b['max_delta'])}"
+                     + (f", {len(b['skipped'])} consumer(s) skipped" if b.get("skipped") else ""))
+    if "bn_recalibration" in rec:
+        b = rec["bn_recalibration"]
+        lines.append(f"recovery: {b['nodes']} BatchNormalization node(s) re-calibrated on {b['samples']} samples")
+    if "finetune" in rec:
+        f = rec["finetune"]
+        epochs = f.get("epoch_losses") or []
+        lines.append(f"recovery: fine-tuned {f['steps']} steps on {f['device']}, mean {f['loss']} loss per epoch "
+                     + " -> ".join(_fmt_num(v) for v in epochs))
+    ev = rec.get("eval_calibration")
+    if ev:
+        for key in ("accuracy", "agreement"):
+            b, a = ev["before"].get(key), ev["after"].get(key)
+            if b is not None and a is not None:
+                lines.append(f"recovery: {key} on {ev['samples']} calibration samples {b:.1%} -> {a:.1%}"
+                             + (f" (original {ev['reference_accuracy']:.1%})"
+                                if key == "accuracy" and ev.get("reference_accuracy") is not None else ""))
+    return lines
 
 
 def _fmt_ratio(r: float) -> str:

@@ -68,8 +68,10 @@ def test_json_round_trip_schema():
     d = json.loads(json.dumps(r.to_dict(), allow_nan=False))
     assert set(d) == {
         "input", "output", "criterion", "target", "macs", "params", "latency_ms", "groups",
-        "stage_seconds", "reachable", "warnings", "fidelity", "criterion_info",
+        "stage_seconds", "reachable", "warnings", "fidelity", "criterion_info", "round_to", "latency_target",
+        "recovery",
     }
+    assert d["round_to"] is None and d["latency_target"] is None
     assert d["criterion_info"] == {}
     info = {"ensemble_members": 4, "spread": 0.25}
     assert json.loads(json.dumps(make_report(criterion_info=info).to_dict()))["criterion_info"] == info
@@ -78,10 +80,11 @@ def test_json_round_trip_schema():
     assert d["macs"] == {"before": 4_089_000_000, "after": 2_050_000_000, "ratio": pytest.approx(r.macs_ratio)}
     assert d["params"] == {"before": 25_557_032, "after": 14_000_000, "ratio": pytest.approx(r.params_ratio)}
     lat = d["latency_ms"]
-    assert set(lat) == {"before", "after", "speedup", "ideal_speedup"}
+    assert set(lat) == {"before", "after", "speedup", "ideal_speedup", "realized_over_ideal"}
+    assert lat["realized_over_ideal"] == pytest.approx(1.6 / (4_089_000_000 / 2_050_000_000))
     assert lat["before"] == {
         "median": 20.0, "p90": 21.0, "mean": 20.25, "min": 19.5, "runs": 30,
-        "provider": "CPUExecutionProvider", "threads": 4, "batch": 1,
+        "provider": "CPUExecutionProvider", "threads": 4, "batch": 1, "peak_memory_mb": None,
     }
     assert lat["after"]["median"] == 12.5
     assert lat["speedup"] == pytest.approx(1.6)

@@ -458,6 +458,51 @@ def build_lenet(seed: int = 0) -> onnx.ModelProto:
     return g.model(OUTPUT_NAME, [1, 10], input_shape=[1, 1, 28, 28])
 
 
+def build_const_channel(seed: int = 0, linear: str = "gemm") -> onnx.ModelProto:
+    """A classifier with a symbolic batch and two channels that are exactly constant.
+
+    x[N,3,8,8]
+      -> conv1 Conv(3->4, 3x3, pad 1) -> bn1 BN (scale[1] = 0, bias[1] = 0.7) -> relu1 Relu
+         (channel 1 is 0.7 everywhere)
+      -> conv2 Conv(4->6, 1x1) -> relu2 Relu -> pool MaxPool 2x2 [6,4,4]
+      -> conv3 Conv(6->5, 3x3, pad 0) [5,2,2] -> bn3 BN (scale[2] = 0, bias[2] = 0.5) -> relu3 Relu
+         (channel 2 is 0.5 everywhere) -> flatten Flatten [N,20]
+      -> fc Gemm(20->7, transB=1)                       (linear="gemm")
+         | fc MatMul(W[20,7]) -> fc_add Add(b[7])       (linear="matmul")
+         | fc MatMul(W[20,7])                           (linear="matmul_nobias")
+      -> y[N,7]
+    Every reader of the constant channels is unpadded (1x1 conv, Flatten + Gemm/MatMul), so
+    folding them into the readers' biases is exact. Not in ``ALL_BUILDERS``.
+    """
+    if linear not in ("gemm", "matmul", "matmul_nobias"):
+        raise ValueError(f"linear must be gemm, matmul or matmul_nobias, got {linear!r}")
+    g = _GraphBuilder(f"const_channel_{linear}", seed)
+
+    def bn_const(name: str, x: str, c: int, channel: int, beta: float) -> str:
+        scale = g.uniform((c,), 0.5, 1.5)
+        bias = g.normal((c,), 0.1)
+        scale[channel], bias[channel] = 0.0, beta
+        ins = [g.const_f32(f"{name}.scale", scale), g.const_f32(f"{name}.bias", bias),
+               g.const_f32(f"{name}.mean", g.normal((c,), 0.1)), g.const_f32(f"{name}.var", g.uniform((c,), 0.5, 1.5))]
+        return g.node("BatchNormalization", name, [x, *ins], epsilon=1e-5)
+
+    t = g.act("Relu", "relu1", bn_const("bn1", g.conv("conv1", INPUT_NAME, 3, 4, 3), 4, 1, 0.7))
+    t = g.act("Relu", "relu2", g.conv("conv2", t, 4, 6, 1))
+    t = g.node("MaxPool", "pool", [t], kernel_shape=[2, 2], strides=[2, 2])
+    t = g.act("Relu", "relu3", bn_const("bn3", g.conv("conv3", t, 6, 5, 3, pad=0), 5, 2, 0.5))
+    t = g.node("Flatten", "flatten", [t], axis=1)
+    if linear == "gemm":
+        g.gemm("fc", t, 20, 7, output=OUTPUT_NAME)
+    else:
+        w = g.const_f32("fc.weight", g.normal((20, 7), np.sqrt(2.0 / 20)))
+        if linear == "matmul":
+            t = g.node("MatMul", "fc", [t, w])
+            g.node("Add", "fc_add", [t, g.const_f32("fc.bias", g.normal((7,), 0.1))], outputs=[OUTPUT_NAME])
+        else:
+            g.node("MatMul", "fc", [t, w], outputs=[OUTPUT_NAME])
+    return g.model(OUTPUT_NAME, ["N", 7], input_shape=["N", 3, 8, 8])
+
+
 # -------------------------------------------------------------------------------------
 # registry
 # -------------------------------------------------------------------------------------

@@ -76,6 +76,8 @@ class TorchGraph(nn.Module):
         self._gates: dict[str, tuple[int, torch.Tensor]] = {}
         # node name -> {input index: (axis, gate)}; empty unless set_input_gate was called
         self._input_gates: dict[str, dict[int, tuple[int, torch.Tensor]]] = {}
+        # node name -> evaluator used instead of the handler's (see override_node)
+        self._overrides: dict[str, Callable] = {}
         self._node_info = [(n.name, n.op, n.domain or "", tuple(t.name for t in n.inputs)) for n in graph.nodes]
         self._node_inputs = {name: len(ins) for name, _, _, ins in self._node_info}
 
@@ -116,6 +118,25 @@ class TorchGraph(nn.Module):
             raise IndexError(f"node {node_name} has {n} inputs, got input index {input_index}")
         self._input_gates.setdefault(node_name, {})[int(input_index)] = (int(axis), gate)
 
+    def override_node(self, node_name: str, fn: Callable | None) -> None:
+        """Evaluate node ``node_name`` with ``fn`` instead of its op handler (None restores it).
+
+        ``fn(node, inputs, ctx) -> list[torch.Tensor]`` has the handlers' ``evaluate``
+        signature: ``node`` carries ``op``, ``name``, ``attrs``, ``n_outputs``; ``inputs``
+        are the node's input values (None for omitted ones), gates already applied. Used
+        to observe or replace one node, e.g. BatchNormalization with batch statistics
+        (:mod:`onnxprune.recover.bn`).
+
+        Raises:
+            KeyError: no node called ``node_name``.
+        """
+        if node_name not in self._node_inputs:
+            raise KeyError(node_name)
+        if fn is None:
+            self._overrides.pop(node_name, None)
+        else:
+            self._overrides[node_name] = fn
+
     def clear_gates(self) -> None:
         """Remove every tensor gate and every input gate."""
         self._gates.clear()
@@ -148,6 +169,8 @@ class TorchGraph(nn.Module):
                         shape = [1] * v.dim()
                         shape[axis] = -1
                         vals[i] = v * gate.to(v.dtype).view(shape)
+            if self._overrides and node.name in self._overrides:
+                fn = self._overrides[node.name]
             res = fn(node, vals, self._ctx)
             for n, v in zip(outs, res):
                 if not n:

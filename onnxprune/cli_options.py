@@ -1,0 +1,128 @@
+"""Click options shared by several commands (compress, eval, finetune).
+
+Kept apart from :mod:`onnxprune.cli` so that command modules (:mod:`onnxprune.cli_recover`)
+and ``cli.py`` both import them without an import cycle.
+
+- :func:`data_options`: ``--data`` and the image-folder preprocessing options
+  (``--image-size --mean --std --scale --channel-order --grayscale``) and ``--samples``;
+  :func:`load_data` turns their values into :class:`~onnxprune.data.CalibrationData`.
+- :func:`finetune_options`: the fine-tuning options, with a name prefix
+  (``--epochs`` for ``finetune``, ``--finetune-epochs`` for ``compress``);
+  :func:`finetune_from` builds :class:`~onnxprune.recover.training.FinetuneOptions`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import click
+
+from onnxprune.errors import OnnxPruneError
+
+_DATA_OPTIONS = (
+    click.option("--data", "data_path", type=click.Path(), default=None,
+                 help="Calibration data: .npz (x [, y]), .npy, or a folder of images (sub-folders = classes)."),
+    click.option("--image-size", default=None, metavar="H,W", help="Image folders: resize to H,W."),
+    click.option("--mean", default="0", show_default=True, metavar="M[,M,M]", help="Image folders: per-channel mean."),
+    click.option("--std", default="1", show_default=True, metavar="S[,S,S]", help="Image folders: per-channel std."),
+    click.option("--scale", type=float, default=1 / 255, show_default=True, help="Image folders: pixel scale."),
+    click.option("--channel-order", type=click.Choice(["RGB", "BGR"]), default="RGB", show_default=True),
+    click.option("--grayscale", is_flag=True, help="Image folders: one channel."),
+    click.option("--samples", type=int, default=None, help="Use at most N samples (seeded draw)."),
+)
+
+
+def data_options(fn: Callable) -> Callable:
+    """Decorator adding ``--data --image-size --mean --std --scale --channel-order --grayscale
+    --samples`` (parameters ``data_path, image_size, mean, std, scale, channel_order,
+    grayscale, samples``)."""
+    for opt in reversed(_DATA_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+def floats(text: str | None, option: str, kind=float) -> tuple | None:
+    """'0.5,0.5,0.5' -> (0.5, 0.5, 0.5); None stays None.
+
+    Raises:
+        OnnxPruneError: a value that is not a number, naming ``option``.
+    """
+    if text is None:
+        return None
+    try:
+        return tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        raise OnnxPruneError(f"{option} {text!r}: expected comma-separated numbers") from None
+
+
+def load_data(data_path, image_size, mean, std, scale, channel_order, grayscale, **_ignored):
+    """The :class:`~onnxprune.data.CalibrationData` the :func:`data_options` values name
+    (None when ``--data`` was not given).
+
+    Raises:
+        DataError: see :func:`onnxprune.data.load_calibration`; OnnxPruneError: a
+        malformed ``--image-size`` / ``--mean`` / ``--std``.
+    """
+    if data_path is None:
+        return None
+    from onnxprune.data import load_calibration
+
+    size = floats(image_size, "--image-size", int)
+    if size is not None and len(size) != 2:
+        raise OnnxPruneError(f"--image-size {image_size!r}: expected H,W")
+    return load_calibration(data_path, image_size=size, mean=floats(mean, "--mean"), std=floats(std, "--std"),
+                            scale=scale, channel_order=channel_order, grayscale=grayscale)
+
+
+_FT_FIELDS = ("epochs", "optimizer", "lr", "schedule", "weight_decay", "temperature")
+
+
+def finetune_options(prefix: str = "", *, epochs_default: int = 1) -> Callable[[Callable], Callable]:
+    """Decorator factory adding the fine-tuning options named ``--{prefix}epochs``,
+    ``--{prefix}optimizer``, ``--{prefix}lr``, ``--{prefix}schedule``,
+    ``--{prefix}weight-decay``, ``--{prefix}temperature`` (parameters with ``-`` as ``_``)."""
+    p = prefix
+    pu = prefix.replace("-", "_")
+    opts = (
+        click.option(f"--{p}epochs", f"{pu}epochs", type=int, default=epochs_default, show_default=True,
+                     help="Fine-tuning epochs over the calibration data" + (" (0: none)." if p else ".")),
+        click.option(f"--{p}optimizer", f"{pu}optimizer", type=click.Choice(["adam", "adamw", "sgd"]),
+                     default="adam", show_default=True, help="Fine-tuning optimizer (sgd: momentum 0.9)."),
+        click.option(f"--{p}lr", f"{pu}lr", type=float, default=1e-4, show_default=True,
+                     help="Fine-tuning peak learning rate."),
+        click.option(f"--{p}schedule", f"{pu}schedule", type=click.Choice(["cosine", "constant"]),
+                     default="cosine", show_default=True, help="Learning-rate schedule over all steps."),
+        click.option(f"--{p}weight-decay", f"{pu}weight_decay", type=float, default=0.0, show_default=True,
+                     help="Fine-tuning weight decay."),
+        click.option(f"--{p}temperature", f"{pu}temperature", type=float, default=1.0, show_default=True,
+                     help="Softmax temperature of KL distillation (loss scaled by T^2)."),
+    )
+
+    def deco(fn: Callable) -> Callable:
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+
+    return deco
+
+
+def finetune_from(values: Mapping, prefix: str = "", **common):
+    """:class:`~onnxprune.recover.training.FinetuneOptions` from the :func:`finetune_options`
+    parameters in ``values`` (``prefix`` as given there) and ``common`` (batch_size, loss,
+    device, seed, progress).
+
+    Raises:
+        OnnxPruneError: an option out of range (named as on the command line).
+    """
+    from onnxprune.recover.training import FinetuneOptions
+
+    pu = prefix.replace("-", "_")
+    kw = {f: values[f"{pu}{f}"] for f in _FT_FIELDS}
+    try:
+        return FinetuneOptions(**kw, **common)
+    except OnnxPruneError as e:
+        msg = str(e)
+        name = msg.split(" ", 1)[0]
+        if prefix and name in {f"--{f.replace('_', '-')}" for f in _FT_FIELDS}:
+            msg = f"--{prefix}{name[2:]}" + msg[len(name):]
+        raise OnnxPruneError(msg) from None

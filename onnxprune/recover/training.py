@@ -1,0 +1,385 @@
+"""Fine-tuning a (pruned) ONNX model's weights in torch, written back into the initializers.
+
+Rules :func:`finetune` follows:
+
+- The model is evaluated by :class:`~onnxprune.executor.graph_module.TorchGraph`; the
+  initializers that are real weights (:func:`trainable_initializers`) are trained, every
+  other float constant (Resize scales, Clip bounds, shape-like constants, BN running
+  statistics) stays fixed; integer constants are never parameters.
+- BatchNormalization stays in inference mode (ONNX BN is the inference op): its running
+  mean / variance are frozen, its scale (gamma) and bias (beta) are trained. Training the
+  statistics on a few hundred samples would make them noisy; re-estimating them is what
+  :func:`onnxprune.recover.bn.recalibrate_bn` does (``--recalibrate-bn``, run before
+  fine-tuning so training starts from, and adapts to, the re-estimated statistics).
+- Loss (:func:`onnxprune.criteria.loss.resolve_loss`): ``auto`` is cross-entropy with
+  labels; without labels distillation from the teacher (the original model, evaluated
+  under ``no_grad``): KL of the softmax for classifiers ([N, classes] first output),
+  variance-normalised MSE over every float output otherwise. ``temperature`` T softens
+  both softmaxes of ``kl`` and scales the loss by T^2 (Hinton et al., "Distilling the
+  Knowledge in a Neural Network", 2015); the default T = 1 is the plain KL of issue 3.
+- Batches of ``batch_size`` samples drawn in a seeded random order each epoch; only the
+  current batch and its teacher outputs live on the device. A model whose input has a
+  fixed batch dim B (exports with batch 1 often hard-code it in a Reshape) is fed B
+  samples at a time and the step's gradient accumulated over them (with B > 1 the
+  samples of a step beyond a multiple of B are left out of that step).
+- Optimizers ``sgd`` (momentum 0.9), ``adam``, ``adamw``; schedule ``cosine`` (from lr to
+  0 over all steps, per step) or ``constant``. Defaults (adam, lr 1e-4, no weight decay)
+  are the cautious choice for a short recovery of a pretrained model.
+- Nothing is written here: the trained model is returned (the callers save it atomically
+  with :func:`onnxprune.io.save_model` only after training completed), so a Ctrl-C or an
+  exception during training leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+
+from onnxprune.criteria.calibration import first_output_rank
+from onnxprune.criteria.loss import Loss, resolve_loss
+from onnxprune.data import CalibrationData
+from onnxprune.errors import OnnxPruneError, UnsupportedModelError
+from onnxprune.executor.graph_module import TorchGraph
+from onnxprune.inputs import graph_inputs
+from onnxprune.recover.bn import fixed_batch
+
+__all__ = ["FinetuneOptions", "FinetuneResult", "OPTIMIZERS", "SCHEDULES", "check_teacher", "finetune",
+           "trainable_initializers"]
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+
+#: op type -> input positions that hold weights (when they are float initializers)
+_WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
+    "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
+    "BatchNormalization": (1, 2), "InstanceNormalization": (1, 2), "LayerNormalization": (1, 2),
+    "GroupNormalization": (1, 2), "PRelu": (1,),
+}
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """Options of :func:`finetune` (see the module docstring for the defaults' reasons).
+
+    Attributes:
+        epochs: passes over the data (>= 1).
+        optimizer: ``adam``, ``adamw`` or ``sgd`` (momentum 0.9).
+        lr: peak learning rate (> 0).
+        schedule: ``cosine`` (decays to 0 over all steps) or ``constant``.
+        weight_decay: L2 (adam, sgd) or decoupled (adamw) weight decay (>= 0).
+        batch_size: samples per step (>= 1); bounds memory.
+        loss: ``auto``, ``ce``, ``kl`` or ``mse`` (:mod:`onnxprune.criteria.loss`).
+        temperature: softmax temperature of ``kl`` distillation (> 0).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        seed: seed of the batch order.
+        progress: show a rich progress bar on stderr.
+
+    Raises:
+        OnnxPruneError: an option out of range, naming it.
+    """
+
+    epochs: int = 1
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    loss: str = "auto"
+    temperature: float = 1.0
+    device: str = "auto"
+    seed: int = 0
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if int(self.epochs) < 1:
+            raise OnnxPruneError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.optimizer not in OPTIMIZERS:
+            raise OnnxPruneError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise OnnxPruneError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise OnnxPruneError(f"--lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise OnnxPruneError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if int(self.batch_size) < 1:
+            raise OnnxPruneError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise OnnxPruneError(f"--temperature must be > 0, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """Outcome of :func:`finetune`.
+
+    Attributes:
+        model: copy of the student with the trained weights in its initializers.
+        loss: the resolved loss kind (``ce``, ``kl``, ``mse``).
+        loss_before / loss_after: mean loss over the data before and after training
+            (no-grad passes in data order), None unless ``measure_loss``.
+        epoch_losses: mean training loss of each epoch (float, as seen while training).
+        steps: optimizer steps taken.
+        trained: names of the trained initializers.
+        device: torch device used.
+        seconds: wall time of the training loop.
+    """
+
+    model: onnx.ModelProto
+    loss: str
+    loss_before: float | None
+    loss_after: float | None
+    epoch_losses: tuple[float, ...]
+    steps: int
+    trained: tuple[str, ...]
+    device: str
+    seconds: float
+    extra: Mapping[str, object] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"loss": self.loss, "loss_before": self.loss_before, "loss_after": self.loss_after,
+                "epoch_losses": list(self.epoch_losses), "steps": self.steps, "trained": len(self.trained),
+                "device": self.device, "seconds": self.seconds}
+
+
+def trainable_initializers(model: onnx.ModelProto) -> list[str]:
+    """Float initializers that are weights, in initializer order.
+
+    A float initializer is a weight when a node reads it at a weight position: Conv /
+    ConvTranspose W and B; Gemm A, B, C; MatMul operands; BatchNormalization / Instance-
+    / Layer- / GroupNormalization scale and bias (not BN's running statistics); PRelu
+    slope; or as the constant operand, with more than one element, of an Add or Mul
+    whose other operand is not a graph input (per-channel scale / shift layers, MatMul
+    biases; not the input normalisation of a preprocessing block). Everything else
+    (scalars, Resize scales, Clip bounds, Pad values, shape-like floats) stays fixed.
+    """
+    floats = {t.name: t for t in model.graph.initializer
+              if np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type), np.floating)}
+    inputs = {i.name for i in graph_inputs(model)}
+    picked: set[str] = set()
+    for node in model.graph.node:
+        slots = _WEIGHT_INPUTS.get(node.op_type)
+        if slots is not None:
+            picked.update(node.input[i] for i in slots if i < len(node.input) and node.input[i] in floats)
+        elif node.op_type in ("Add", "Mul") and len(node.input) == 2:
+            for i, name in enumerate(node.input):
+                other = node.input[1 - i]
+                if name in floats and other not in floats and other not in inputs \
+                        and int(np.prod(floats[name].dims)) > 1:
+                    picked.add(name)
+    return [name for name in floats if name in picked]
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list[int | None]:
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return []
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim]
+
+
+def _fmt(dims: list[int | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def check_teacher(student: onnx.ModelProto, teacher: onnx.ModelProto, *, student_label: str = "model",
+                  teacher_label: str = "teacher") -> None:
+    """Check that ``teacher`` takes the student's inputs and gives its outputs.
+
+    Same graph input names in the same order, no fixed dim (other than the batch) that
+    differs, and the same output names with the same rank.
+
+    Raises:
+        OnnxPruneError: the first difference, naming both labels, the tensor and the shapes.
+    """
+    si, ti = graph_inputs(student), graph_inputs(teacher)
+    if [i.name for i in si] != [i.name for i in ti]:
+        raise OnnxPruneError(f"{teacher_label}: inputs {[i.name for i in ti]} differ from the inputs of "
+                             f"{student_label} {[i.name for i in si]}")
+    for a, b in zip(si, ti):
+        da, db = _dims(a), _dims(b)
+        if da and db and (len(da) != len(db) or any(
+                x is not None and y is not None and x != y for x, y in list(zip(da, db))[1:])):
+            raise OnnxPruneError(f"{teacher_label}: input {a.name!r} has shape {_fmt(db)}, but {student_label} "
+                                 f"takes {_fmt(da)}; the teacher must be the model {student_label} was pruned from")
+    so, to = list(student.graph.output), list(teacher.graph.output)
+    if [o.name for o in so] != [o.name for o in to]:
+        raise OnnxPruneError(f"{teacher_label}: outputs {[o.name for o in to]} differ from the outputs of "
+                             f"{student_label} {[o.name for o in so]}")
+    for a, b in zip(so, to):
+        da, db = _dims(a), _dims(b)
+        if da and db and len(da) != len(db):
+            raise OnnxPruneError(f"{teacher_label}: output {a.name!r} has rank {len(db)}, {student_label}'s "
+                                 f"has rank {len(da)}")
+
+
+def _optimizer(params: list[torch.nn.Parameter], opts: FinetuneOptions) -> torch.optim.Optimizer:
+    if opts.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=opts.lr, momentum=0.9, weight_decay=opts.weight_decay)
+    if opts.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    return torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    TextColumn("{task.fields[loss]}"), console=Console(stderr=True), disable=not enabled,
+                    transient=False)
+
+
+def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.ModelProto | None = None,
+             options: FinetuneOptions = FinetuneOptions(),
+             callback: Callable[[int, int, float], None] | None = None,
+             measure_loss: bool = True) -> FinetuneResult:
+    """Train ``student``'s weights on ``data``; return a copy with the trained initializers.
+
+    Args:
+        student: the (pruned) canonical model, one graph input, float32/float64 weights;
+            not modified.
+        data: inputs float32 [N, ...] in the model's input layout, optional int64 labels [N].
+        teacher: the original model (distillation target, pseudo-labels); required
+            without labels. Evaluated under ``torch.no_grad`` on the same batches.
+        options: see :class:`FinetuneOptions`.
+        callback: called after every step with (epoch, step within the epoch, loss);
+            an exception it raises aborts training (nothing is returned or written).
+        measure_loss: compute ``loss_before`` / ``loss_after`` with two extra no-grad
+            passes over the data (else they are None).
+
+    Returns:
+        :class:`FinetuneResult`.
+
+    Raises:
+        OnnxPruneError: no samples, no labels and no teacher, several graph inputs, a
+            loss the outputs cannot take, a teacher whose interface differs, a
+            non-finite loss (lower the learning rate); UnsupportedModelError: float16
+            weights or an op the torch executor lacks.
+    """
+    from onnxprune.executor.device import resolve_device
+
+    if len(data) == 0:
+        raise OnnxPruneError("fine-tuning needs at least one calibration sample")
+    if teacher is None and data.y is None:
+        raise OnnxPruneError("fine-tuning without labels needs the original model as teacher (--teacher)")
+    if teacher is not None:
+        check_teacher(student, teacher)
+    loss_fn = resolve_loss(options.loss, has_labels=data.y is not None, first_output_rank=first_output_rank(student))
+    if loss_fn.uses_teacher and teacher is None:
+        raise OnnxPruneError(f"loss {loss_fn.kind} needs the original model as teacher (--teacher)")
+    device = resolve_device(options.device)
+    names = trainable_initializers(student)
+    if not names:
+        raise OnnxPruneError("the model has no float weights to fine-tune")
+    net = TorchGraph(student, requires_grad=False).to(device)
+    if len(net.input_names) != 1:
+        raise OnnxPruneError(f"fine-tuning supports models with one input, this one has {len(net.input_names)} "
+                             f"({', '.join(net.input_names)})")
+    params = [net.parameter(n) for n in names]
+    odd = sorted({str(p.dtype) for p in params} - {"torch.float32", "torch.float64"})
+    if odd:
+        raise UnsupportedModelError(f"fine-tuning needs float32 weights, the model has {', '.join(odd)} weights")
+    for p in params:
+        p.requires_grad_(True)
+    tnet = None
+    if teacher is not None:
+        tnet = TorchGraph(teacher, requires_grad=False).to(device).eval()
+
+    fixed = fixed_batch(student)
+    if fixed is None and teacher is not None:
+        fixed = fixed_batch(teacher)
+    gen = torch.Generator().manual_seed(int(options.seed))
+    bs = int(options.batch_size)
+    n = len(data)
+    steps_per_epoch = math.ceil(n / bs)
+    total = steps_per_epoch * int(options.epochs)
+    opt = _optimizer(params, options)
+    if options.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total)))
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    def batch(idx: np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(data.x[idx])).to(device)
+        y = None if data.y is None else torch.from_numpy(np.asarray(data.y[idx])).to(device)
+        ref = None
+        if tnet is not None:
+            with torch.no_grad():
+                ref = tuple(t.detach() for t in tnet(x))
+        return x, y, ref
+
+    def loss_of(outputs, y, ref) -> torch.Tensor:
+        return _loss(loss_fn, outputs, y, ref, options.temperature)
+
+    def chunks(idx: np.ndarray) -> list[np.ndarray]:
+        """A step's samples as the model can take them: all at once, or in its fixed batch."""
+        if fixed is None:
+            return [idx]
+        return [idx[j:j + fixed] for j in range(0, len(idx) - fixed + 1, fixed)]
+
+    def mean_loss() -> float:
+        total_loss, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, n, bs):
+                for idx in chunks(np.arange(i, min(i + bs, n))):
+                    x, y, ref = batch(idx)
+                    total_loss += float(loss_of(net(x), y, ref)) * len(idx)
+                    count += len(idx)
+        return total_loss / max(count, 1)
+
+    loss_before = mean_loss() if measure_loss else None
+    epoch_losses: list[float] = []
+    t0 = time.perf_counter()
+    step = 0
+    with _progress(options.progress) as bar:
+        task = bar.add_task("fine-tune", total=total, loss="")
+        for epoch in range(int(options.epochs)):
+            order = torch.randperm(n, generator=gen).numpy()
+            running, seen = 0.0, 0
+            for k, i in enumerate(range(0, n, bs)):
+                parts = chunks(np.sort(order[i:i + bs]))
+                m = sum(len(c) for c in parts)
+                if m == 0:
+                    continue
+                opt.zero_grad(set_to_none=True)
+                value = 0.0
+                for idx in parts:  # gradient accumulation over the model's fixed batch
+                    x, y, ref = batch(idx)
+                    loss = loss_of(net(x), y, ref) * (len(idx) / m)
+                    value += float(loss.detach())
+                    if not math.isfinite(value):
+                        raise OnnxPruneError(f"fine-tuning diverged at epoch {epoch + 1}, step {k + 1} "
+                                             f"(loss {value}); lower --lr")
+                    loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                running += value * m
+                seen += m
+                bar.update(task, advance=1, description=f"fine-tune epoch {epoch + 1}/{options.epochs}",
+                           loss=f"loss {running / seen:.4g}")
+                if callback is not None:
+                    callback(epoch, k, value)
+            epoch_losses.append(running / max(seen, 1))
+    seconds = time.perf_counter() - t0
+    loss_after = mean_loss() if measure_loss else None
+    for p in params:
+        p.requires_grad_(False)
+    trained = net.write_back(student)
+    return FinetuneResult(trained, loss_fn.kind, loss_before, loss_after, tuple(epoch_losses), step,
+                          tuple(names), str(device), seconds)
+
+
+def _loss(loss_fn: Loss, outputs, y, ref, temperature: float) -> torch.Tensor:
+    """``loss_fn`` with the ``kl`` temperature applied (T^2-scaled, Hinton et al. 2015)."""
+    if loss_fn.kind == "kl" and temperature != 1.0:
+        t = float(temperature)
+        outs = (outputs[0] / t,) + tuple(outputs[1:])
+        refs = (ref[0] / t,) + tuple(ref[1:])
+        return loss_fn(outs, y, refs) * (t * t)
+    return loss_fn(outputs, y, ref)
