@@ -301,7 +301,17 @@ def test_get_criterion_taylor():
         c.score(None, {})
 
 
-@pytest.mark.parametrize("name", ["bogus", "infcp", "ifso"])
-def test_get_criterion_errors_name_the_criterion(name):
+def test_get_criterion_unknown_name_lists_the_choices():
+    with pytest.raises(OnnxPruneError, match="unknown criterion 'bogus'.*ifso.*infcp.*taylor"):
+        get_criterion("bogus")
+
+
+@pytest.mark.parametrize("name, cls", [("taylor", "Taylor"), ("infcp", "InfCP"), ("ifso", "IFSO")])
+def test_data_driven_criteria_are_registered_lazily(name, cls):
+    import onnxprune.criteria as criteria
+
+    c = get_criterion(name, seed=4)
+    assert type(c) is getattr(criteria, cls)
+    assert c.name == name and c.requires_data is True and c.seed == 4
     with pytest.raises(OnnxPruneError, match=name):
-        get_criterion(name)
+        c.score(None, {})
