@@ -109,7 +109,7 @@ def _progress(console: Console) -> Progress:
               help="Instead: time the model's most expensive conv shapes over a window of channel counts and "
                    "print the step tables and the round_to that --round-to auto would choose.")
 @click.option("--sweep-top", type=int, default=3, show_default=True, help="Conv shapes swept.")
-@click.option("--sweep-window", type=int, default=96, show_default=True, help="Channel counts per sweep.")
+@click.option("--sweep-window", type=int, default=48, show_default=True, help="Channel counts per sweep.")
 @click.option("-v", "--verbose", is_flag=True, help="Channel sweep: print every count of every step table.")
 def bench(models, providers, batches, threads, warmup, repeat, input_shape, report_path, channel_sweep, sweep_top,
           sweep_window, verbose):
