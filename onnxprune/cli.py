@@ -6,46 +6,17 @@ Every user error (:class:`~onnxprune.errors.OnnxPruneError`) prints one line,
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from onnxprune.cli_options import data_options, finetune_from, finetune_options, load_data
-from onnxprune.errors import InputShapeError, OnnxPruneError
-from onnxprune.inputs import parse_input_shape
+from onnxprune.cli_options import (data_options, finetune_from, finetune_options, input_shape_option, input_shapes,
+                                   load_data, user_errors)
+from onnxprune.errors import OnnxPruneError
 from onnxprune.planning import PlanOptions, Scope, Target, TargetKind
 from onnxprune.report import format_count
-
-
-def _user_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except OnnxPruneError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-
-    return wrapper
-
-
-def _shapes(specs: tuple[str, ...]) -> dict[str, tuple[int, ...]] | None:
-    out: dict[str, tuple[int, ...]] = {}
-    for s in specs:
-        name, dims = parse_input_shape(s)
-        if name in out:
-            raise InputShapeError(f"--input-shape names input {name!r} twice")
-        out[name] = dims
-    return out or None
-
-
-_input_shape = click.option("--input-shape", "input_shape", multiple=True, metavar="NAME:D0,D1,...",
-                            help="Concrete shape of a graph input (repeatable). Symbolic dims default "
-                                 "to 1 for the batch and 224 elsewhere.")
 
 
 def _criterion_args(criterion: str, cpmc_a: float, cpmc_b: float, loss: str, ensemble: int = 4) -> dict:
@@ -86,7 +57,7 @@ def main() -> None:
 @click.option("--max-layer-ratio", type=float, default=1.0, show_default=True,
               help="At most this fraction of any group's channels is removed.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="fnmatch pattern of node names never pruned.")
-@_input_shape
+@input_shape_option
 @click.option("--report", "report_path", type=click.Path(), default=None, help="Write the report as JSON.")
 @click.option("--plan-out", type=click.Path(), default=None, help="Write the pruning plan as JSON.")
 @click.option("--no-bench", is_flag=True, help="Skip the onnxruntime latency measurement.")
@@ -108,7 +79,7 @@ def main() -> None:
 @click.option("--ensemble", type=int, default=4, show_default=True,
               help="infcp: ensemble members (copies fine-tuned on disjoint shards of the data).")
 @click.option("-v", "--verbose", is_flag=True, help="Show every group in the report.")
-@_user_errors
+@user_errors
 def compress(model, output, criterion, ratio, target_macs, target_params, scope, round_to, max_layer_ratio,
              exclude, input_shape, report_path, plan_out, no_bench, bench_repeat, threads, seed, cpmc_a, cpmc_b,
              strict_target, data_path, image_size, mean, std, scale, channel_order, grayscale, samples,
@@ -139,7 +110,7 @@ def compress(model, output, criterion, ratio, target_macs, target_params, scope,
     opts = CompressOptions(
         criterion=criterion, target=target,
         plan=PlanOptions(Scope(scope), parse_round_to(round_to), max_layer_ratio, 1, tuple(exclude)),
-        input_shapes=_shapes(input_shape), seed=seed,
+        input_shapes=input_shapes(input_shape), seed=seed,
         criterion_args=_criterion_args(criterion, cpmc_a, cpmc_b, loss, ensemble),
         strict_target=strict_target, bench=not no_bench, bench_repeat=bench_repeat, threads=threads,
         recalibrate_bn=recalibrate_bn, finetune=ft,
@@ -156,10 +127,10 @@ def compress(model, output, criterion, ratio, target_macs, target_params, scope,
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=True))
-@_input_shape
+@input_shape_option
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the analysis as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="List every group, prunable ones included.")
-@_user_errors
+@user_errors
 def analyze(model, input_shape, json_path, verbose):
     """List MODEL's channel groups, blocked groups and why, and MACs/params per layer."""
     from onnxprune.io import check_side_output
@@ -167,7 +138,7 @@ def analyze(model, input_shape, json_path, verbose):
 
     if json_path:
         check_side_output(json_path, models=[model])
-    prep = prepare(model, _shapes(input_shape))
+    prep = prepare(model, input_shapes(input_shape))
     a = prep.analysis
     console = Console()
     macs, params = a.count("macs"), a.count("params")
@@ -206,10 +177,12 @@ def analyze(model, input_shape, json_path, verbose):
         }, indent=1))
 
 
-from onnxprune.cli_bench import bench  # noqa: E402  (needs the helpers above)
-from onnxprune import cli_recover  # noqa: E402,F401  (registers eval and finetune on main)
+from onnxprune.cli_bench import bench  # noqa: E402  (after main exists: the commands are added to it)
+from onnxprune.cli_recover import eval_command, finetune_command  # noqa: E402
 
 main.add_command(bench)
+main.add_command(eval_command)
+main.add_command(finetune_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

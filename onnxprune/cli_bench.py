@@ -115,10 +115,10 @@ def bench(models, providers, batches, threads, warmup, repeat, input_shape, repo
           sweep_window, verbose):
     """Measure onnxruntime latency (median, p90) and peak memory of MODELS; the speedup of each
     model is against the first."""
-    from onnxprune.cli import _shapes, _user_errors
+    from onnxprune.cli_options import input_shapes, user_errors
     from onnxprune.io import check_side_output
 
-    @_user_errors
+    @user_errors
     def run():
         if report_path:
             check_side_output(report_path, models=list(models))
@@ -127,7 +127,7 @@ def bench(models, providers, batches, threads, warmup, repeat, input_shape, repo
         if warmup < 0 or repeat < 1:
             raise OnnxPruneError(f"--warmup must be >= 0 and --repeat >= 1, got {warmup} and {repeat}")
         sizes = parse_batches(batches)
-        shapes = _shapes(input_shape)
+        shapes = input_shapes(input_shape)
         out, err = Console(), Console(stderr=True)
         provs, skipped = _providers(providers, err)
         if channel_sweep:

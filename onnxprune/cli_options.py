@@ -1,7 +1,10 @@
 """Click options shared by several commands (compress, eval, finetune).
 
-Kept apart from :mod:`onnxprune.cli` so that command modules (:mod:`onnxprune.cli_recover`)
-and ``cli.py`` both import them without an import cycle.
+Kept apart from :mod:`onnxprune.cli` so that command modules (:mod:`onnxprune.cli_bench`,
+:mod:`onnxprune.cli_recover`) and ``cli.py`` all import them without an import cycle.
+
+- :func:`user_errors`: an OnnxPruneError becomes ``error: <message>`` on stderr, exit 2.
+- :data:`input_shape_option` / :func:`input_shapes`: ``--input-shape NAME:D0,D1,...``.
 
 - :func:`data_options`: ``--data`` and the image-folder preprocessing options
   (``--image-size --mean --std --scale --channel-order --grayscale``) and ``--samples``;
@@ -13,11 +16,47 @@ and ``cli.py`` both import them without an import cycle.
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Callable, Mapping
 
 import click
 
-from onnxprune.errors import OnnxPruneError
+from onnxprune.errors import InputShapeError, OnnxPruneError
+from onnxprune.inputs import parse_input_shape
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Wrap a command body: an OnnxPruneError prints ``error: <message>`` and exits with 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OnnxPruneError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def input_shapes(specs: tuple[str, ...]) -> dict[str, tuple[int, ...]] | None:
+    """``{input name: dims}`` from repeated ``--input-shape`` values (None when none given).
+
+    Raises:
+        InputShapeError: a malformed spec, or one input named twice.
+    """
+    out: dict[str, tuple[int, ...]] = {}
+    for s in specs:
+        name, dims = parse_input_shape(s)
+        if name in out:
+            raise InputShapeError(f"--input-shape names input {name!r} twice")
+        out[name] = dims
+    return out or None
+
+
+input_shape_option = click.option(
+    "--input-shape", "input_shape", multiple=True, metavar="NAME:D0,D1,...",
+    help="Concrete shape of a graph input (repeatable). Symbolic dims default to 1 for the batch and 224 elsewhere.")
 
 _DATA_OPTIONS = (
     click.option("--data", "data_path", type=click.Path(), default=None,

@@ -1,4 +1,4 @@
-"""Command line: ``onnxprune eval`` and ``onnxprune finetune`` (registered on ``onnxprune.cli.main``).
+"""Command line: ``onnxprune eval`` and ``onnxprune finetune`` (added to ``onnxprune.cli.main`` there).
 
 Errors follow :mod:`onnxprune.cli`: one line ``error: ...`` on stderr, exit code 2, no file
 written. A Ctrl-C during fine-tuning prints ``error: fine-tuning interrupted; nothing
@@ -16,8 +16,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from onnxprune import cli
-from onnxprune.cli_options import data_options, finetune_from, finetune_options, load_data
+from onnxprune.cli_options import (data_options, finetune_from, finetune_options, input_shape_option, input_shapes,
+                                   load_data, user_errors)
 from onnxprune.errors import OnnxPruneError, OutputPathError
 
 _NEEDS_DATA = "a .npz with x [and y], a .npy, or a folder of images"
@@ -51,7 +51,7 @@ def _check_output(out: Path, *models) -> None:
 @click.option("--batch-size", type=int, default=32, show_default=True,
               help="Samples per onnxruntime run (a model with a fixed batch dim runs that batch).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --samples draw.")
-@cli._user_errors
+@user_errors
 def eval_command(model, data_path, image_size, mean, std, scale, channel_order, grayscale, samples, reference,
                  report_path, batch_size, seed):
     """Top-1 accuracy of MODEL on --data (with labels) and its fidelity to --reference, in onnxruntime."""
@@ -90,9 +90,9 @@ def eval_command(model, data_path, image_size, mean, std, scale, channel_order, 
 @click.option("--recalibrate-bn", is_flag=True, help="Re-estimate BatchNormalization statistics before training.")
 @click.option("--device", default="auto", show_default=True, help="Torch side: auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the batch order and --samples draw.")
-@cli._input_shape
+@input_shape_option
 @click.option("--report", "report_path", type=click.Path(), default=None, help="Write the results as JSON.")
-@cli._user_errors
+@user_errors
 def finetune_command(model, teacher, output, data_path, image_size, mean, std, scale, channel_order, grayscale,
                      samples, batch_size, loss, recalibrate_bn, device, seed, input_shape, report_path, **ft):
     """Fine-tune the weights of MODEL (a pruned model) on --data and write them back into ONNX."""
@@ -119,7 +119,7 @@ def finetune_command(model, teacher, output, data_path, image_size, mean, std, s
         tmodel = canonicalize(tmodel).model
     data = load_data(data_path, image_size, mean, std, scale, channel_order, grayscale).subset(samples, seed)
     data.check(_declared(student))
-    shapes = resolve_input_shapes(student, cli._shapes(input_shape))
+    shapes = resolve_input_shapes(student, input_shapes(input_shape))
     try:
         info = {}
         if recalibrate_bn:
@@ -151,7 +151,3 @@ def finetune_command(model, teacher, output, data_path, image_size, mean, std, s
         from onnxprune.report import _jsonable
 
         write_text_atomic(report_path, json.dumps(_jsonable(info), indent=2, allow_nan=False) + "\n")
-
-
-cli.main.add_command(eval_command)
-cli.main.add_command(finetune_command)

@@ -25,7 +25,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from onnxprune.analysis import Analysis, analyze
 from onnxprune.cli import main
 from onnxprune.criteria import get_criterion
 from onnxprune.criteria.gates import channel_gates
@@ -34,43 +33,10 @@ from onnxprune.criteria.loss import make_loss
 from onnxprune.data import CalibrationData
 from onnxprune.errors import OnnxPruneError
 from onnxprune.executor.graph_module import TorchGraph
-from onnxprune.shapes import measure_shapes
+from planted import analyze_tiny as _analyze, argmax_data as _argmax_data, planted_lenet
 from tiny_models import ALL_BUILDERS, INPUT_NAME, INPUT_SHAPES, build_lenet, random_input
 
 DEAD, DOMINANT = 3, 12  # conv2 channels of the tiny LeNet, as in test_taylor.py
-
-
-def _analyze(model: onnx.ModelProto, name: str) -> Analysis:
-    return analyze(model, measure_shapes(model, {INPUT_NAME: INPUT_SHAPES[name]}))
-
-
-def _weight(model: onnx.ModelProto, name: str) -> np.ndarray:
-    return next(onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name == name).copy()
-
-
-def _set_weight(model: onnx.ModelProto, name: str, arr: np.ndarray) -> None:
-    init = next(i for i in model.graph.initializer if i.name == name)
-    init.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), name))
-
-
-def _planted_lenet() -> onnx.ModelProto:
-    model = build_lenet(seed=0)
-    w, b = _weight(model, "conv2.weight"), _weight(model, "conv2.bias")
-    w[DEAD] = 0.0
-    b[DEAD] = 0.0
-    _set_weight(model, "conv2.weight", w)
-    _set_weight(model, "conv2.bias", b)
-    fc1 = _weight(model, "fc1.weight")  # [200, 1600]; conv2 channel c -> columns [25c, 25c+25)
-    fc1[:, 25 * DOMINANT:25 * DOMINANT + 25] *= 10.0
-    _set_weight(model, "fc1.weight", fc1)
-    return model
-
-
-def _argmax_data(model: onnx.ModelProto, n: int, seed: int) -> CalibrationData:
-    x = np.random.default_rng(seed).standard_normal((n, 1, 28, 28)).astype(np.float32)
-    with torch.no_grad():
-        y = TorchGraph(model, requires_grad=False)(torch.from_numpy(x))[0].argmax(1).numpy().astype(np.int64)
-    return CalibrationData(x, y)
 
 
 # ------------------------------------------------------------------------------------
@@ -155,7 +121,7 @@ def test_fd_hvp_default_step_float32(name):
 
 @pytest.fixture(scope="module")
 def planted():
-    model = _planted_lenet()
+    model = planted_lenet(DEAD, DOMINANT)
     return model, _analyze(model, "lenet"), _argmax_data(build_lenet(seed=0), 16, seed=0)
 
 

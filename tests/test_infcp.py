@@ -33,45 +33,16 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from onnxprune.analysis import Analysis, analyze
+from onnxprune.analysis import Analysis
 from onnxprune.criteria import get_criterion
 from onnxprune.criteria.infcp import InfCP, ensemble_shards, ensemble_spread, spearman
 from onnxprune.data import CalibrationData
 from onnxprune.errors import OnnxPruneError
 from onnxprune.executor.graph_module import TorchGraph
-from onnxprune.shapes import measure_shapes
-from tiny_models import ALL_BUILDERS, INPUT_NAME, INPUT_SHAPES, build_lenet
-from onnx import numpy_helper
+from planted import analyze_tiny as _analyze, planted_lenet
+from tiny_models import ALL_BUILDERS, INPUT_SHAPES, build_lenet
 
 DEAD, DOMINANT = 3, 54
-
-
-def _analyze(model: onnx.ModelProto, name: str) -> Analysis:
-    return analyze(model, measure_shapes(model, {INPUT_NAME: INPUT_SHAPES[name]}))
-
-
-def _weight(model: onnx.ModelProto, name: str) -> np.ndarray:
-    return next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name == name).copy()
-
-
-def _set_weight(model: onnx.ModelProto, name: str, arr: np.ndarray) -> None:
-    init = next(i for i in model.graph.initializer if i.name == name)
-    init.CopyFrom(numpy_helper.from_array(arr.astype(np.float32), name))
-
-
-def _planted_lenet() -> onnx.ModelProto:
-    """Tiny LeNet, conv2 channel DEAD all zero (filter and bias), channel DOMINANT's fc1
-    columns x10 (conv2 channel c -> fc1 columns [25c, 25c + 25) after the Flatten)."""
-    model = build_lenet(seed=0)
-    w, b = _weight(model, "conv2.weight"), _weight(model, "conv2.bias")
-    w[DEAD] = 0.0
-    b[DEAD] = 0.0
-    _set_weight(model, "conv2.weight", w)
-    _set_weight(model, "conv2.bias", b)
-    fc1 = _weight(model, "fc1.weight")
-    fc1[:, 25 * DOMINANT:25 * DOMINANT + 25] *= 10.0
-    _set_weight(model, "fc1.weight", fc1)
-    return model
 
 
 def _inputs(name: str, n: int, seed: int) -> np.ndarray:
@@ -161,7 +132,7 @@ def test_bn_running_statistics_are_not_counted():
 def test_planted_dead_lowest_and_dominant_highest(seed, labelled):
     # labels = the planted model's argmax (ce, fine-tuned members), or none (kl: labels
     # sampled from the planted model's softmax, no fine-tuning)
-    model = _planted_lenet()
+    model = planted_lenet(DEAD, DOMINANT)
     analysis = _analyze(model, "lenet")
     x = _inputs("lenet", 32, seed)
     data = CalibrationData(x, _argmax(model, x) if labelled else None)

@@ -24,7 +24,6 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from onnxprune.analysis import Analysis, analyze
 from onnxprune.criteria import get_criterion
 from onnxprune.criteria.gates import channel_gates, gate_sites
 from onnxprune.criteria.loss import make_loss
@@ -32,8 +31,8 @@ from onnxprune.criteria.taylor import Taylor
 from onnxprune.data import CalibrationData
 from onnxprune.errors import OnnxPruneError
 from onnxprune.executor.graph_module import TorchGraph
-from onnxprune.shapes import measure_shapes
 from onnxprune.surgery.oracle import zeroed_reference
+from planted import analyze_tiny as _analyze, argmax_data as _argmax_data, planted_lenet
 from tiny_models import ALL_BUILDERS, INPUT_NAME, INPUT_SHAPES, build_lenet, random_input
 
 ort.set_default_logger_severity(3)
@@ -46,26 +45,10 @@ def _run_ort(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> np.ndar
     return sess.run(None, dict(feeds))[0]
 
 
-def _analyze(model: onnx.ModelProto, name: str) -> Analysis:
-    return analyze(model, measure_shapes(model, {INPUT_NAME: INPUT_SHAPES[name]}))
-
-
 def _close(got: np.ndarray, want: np.ndarray) -> None:
     assert got.shape == want.shape
     tol = 1e-4 * float(np.abs(want).max()) + 1e-5
     assert float(np.abs(got - want).max()) <= tol
-
-
-def _set_weight(model: onnx.ModelProto, name: str, arr: np.ndarray) -> None:
-    for init in model.graph.initializer:
-        if init.name == name:
-            init.CopyFrom(numpy_helper.from_array(arr.astype(np.float32), name))
-            return
-    raise KeyError(name)
-
-
-def _weight(model: onnx.ModelProto, name: str) -> np.ndarray:
-    return next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name == name).copy()
 
 
 # ------------------------------------------------------------------------------------
@@ -146,34 +129,13 @@ def test_input_gate_leaves_other_consumers_ungated():
 DEAD, DOMINANT = 3, 12  # channel 12 has a large mean activation on N(0, 1) inputs (11 is nearly dead)
 
 
-def _planted_lenet() -> onnx.ModelProto:
-    model = build_lenet(seed=0)
-    w, b = _weight(model, "conv2.weight"), _weight(model, "conv2.bias")
-    w[DEAD] = 0.0
-    b[DEAD] = 0.0
-    _set_weight(model, "conv2.weight", w)
-    _set_weight(model, "conv2.bias", b)
-    fc1 = _weight(model, "fc1.weight")  # [200, 1600]; conv2 channel c -> columns [25c, 25c+25)
-    fc1[:, 25 * DOMINANT:25 * DOMINANT + 25] *= 10.0
-    _set_weight(model, "fc1.weight", fc1)
-    return model
-
-
-def _argmax_data(model: onnx.ModelProto, n: int, seed: int) -> CalibrationData:
-    x = np.random.default_rng(seed).standard_normal((n, 1, 28, 28)).astype(np.float32)
-    graph = TorchGraph(model, requires_grad=False)
-    with torch.no_grad():
-        y = graph(torch.from_numpy(x))[0].argmax(1).numpy().astype(np.int64)
-    return CalibrationData(x, y)
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_taylor_planted_dead_and_dominant_channels(seed):
     # Labels: the argmax of the model *before* planting. With the planted model's own
     # argmax the x10 channel makes predictions confident, so cross-entropy saturates and
     # its first-order score is not reliably the highest (a known limit of Taylor on
     # self-labels); against the unplanted labels it is, by a margin > 1.3 on seeds 0-5.
-    model = _planted_lenet()
+    model = planted_lenet(DEAD, DOMINANT)
     analysis = _analyze(model, "lenet")
     data = _argmax_data(build_lenet(seed=0), 64, seed=seed)
     scores = Taylor().score_with_data(analysis, model, data, batch_size=16)
@@ -206,7 +168,7 @@ def test_taylor_reproducible_and_unlabelled_pseudo_labels():
 def test_taylor_unlabelled_fisher_is_seeded_and_ignores_dead_channels():
     # auto without labels = kl to the teacher: the gradient comes from labels drawn from
     # the teacher's softmax, so the seed matters and a dead channel still scores 0
-    model = _planted_lenet()
+    model = planted_lenet(DEAD, DOMINANT)
     analysis = _analyze(model, "lenet")
     data = CalibrationData(_argmax_data(model, 16, seed=3).x, None)
     crit = Taylor(batch_size=4)
