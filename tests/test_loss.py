@@ -103,3 +103,10 @@ def test_prefer_teacher_resolves_auto_to_the_teacher_loss_even_with_labels():
     assert resolve_loss("auto", has_labels=True, first_output_rank=2, prefer_teacher=True).kind == "kl"
     assert resolve_loss("auto", has_labels=True, first_output_rank=3, prefer_teacher=True).kind == "mse"
     assert resolve_loss("ce", has_labels=True, first_output_rank=2, prefer_teacher=True).kind == "ce"
+
+
+def test_kl_refuses_a_teacher_of_another_shape():
+    with pytest.raises(OnnxPruneError, match=r"shape \(2, 3\).*teacher's\) has \(2, 4\)"):
+        make_loss("kl")(OUT, None, torch.zeros(2, 4))
+    with pytest.raises(OnnxPruneError, match="teacher"):
+        make_loss("kl").fisher_sample(OUT, None, torch.zeros(2, 4))

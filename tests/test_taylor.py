@@ -230,3 +230,20 @@ def test_gate_gradient_matches_finite_difference(name):
             assert abs(float(grad[i]) - fd) <= 1e-3 * max(abs(fd), 1e-6), (g.name, c, float(grad[i]), fd)
             checked += 1
     assert checked >= 3
+
+
+def test_taylor_short_last_batch_counts_for_its_share():
+    # the sampled-Fisher scores estimate a sum over samples: one batch of 36, batches of
+    # 32 + 4 and nine batches of 4 agree in scale (averaged over seeds); squaring the
+    # gradient of a batch *mean* would give 1/36 : (1/32 + 1/4) : 9/4
+    model = ALL_BUILDERS["residual"](seed=0)
+    analysis = _analyze(model, "residual")
+    x = np.random.default_rng(0).standard_normal((36, *INPUT_SHAPES["residual"][1:])).astype(np.float32)
+    data = CalibrationData(x, None)
+
+    def total(bs):
+        return sum(float(np.sum(np.concatenate(list(Taylor(loss="mse").score_with_data(
+            analysis, model, data, batch_size=bs, seed=s).values())))) for s in range(8))
+
+    one, uneven, small = total(36), total(32), total(4)
+    assert 0.7 < uneven / one < 1.4 and 0.7 < small / one < 1.4, (one, uneven, small)

@@ -66,8 +66,9 @@ The loss is resolved as for every data-driven criterion
 
 Weights: every float member of the group counts except BatchNormalization's running
 mean and variance (statistics: zeroing them is not what removing the channel does, and
-``w * dL/dw`` of a variance is not a removal term). Those statistics and scalar
-initializers (Clip bounds and the like) are also never fine-tuned.
+``w * dL/dw`` of a variance is not a removal term). Fine-tuning trains exactly the
+weights recovery trains (:func:`onnxprune.recover.training.trainable_initializers`):
+never those statistics, Resize scales, Pad values, Clip bounds or shape constants.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ from onnxprune.criteria.loss import Loss
 from onnxprune.data import CalibrationData
 from onnxprune.errors import OnnxPruneError
 from onnxprune.executor.graph_module import TorchGraph
+from onnxprune.recover.training import trainable_initializers
 
 
 def ensemble_shards(n: int, members: int, seed: int = 0) -> list[np.ndarray]:
@@ -277,6 +279,7 @@ class InfCP:
         # the original's outputs are needed for pseudo-labels and the teacher losses (kl, mse) only
         ref = None if use_labels else teacher
         frozen = _bn_statistics(teacher)
+        trainable = set(trainable_initializers(model))  # the same weights recovery trains
         reducer = _ChannelReducer(analysis, {n for n, _ in teacher.named_onnx_parameters()} - frozen, device)
 
         members, steps_done = [], []
@@ -286,7 +289,7 @@ class InfCP:
             gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + k)
             rng = np.random.default_rng([seed, k])
             member = copy.deepcopy(teacher)
-            steps = 0 if sampled else self._finetune(member, ref, shard, loss_fn, frozen, batch_size, device, rng)
+            steps = 0 if sampled else self._finetune(member, ref, shard, loss_fn, trainable, batch_size, device, rng)
             steps_done.append(steps)
             members.append(reducer.split(self._influence(member, ref, shard, loss_fn, reducer, batch_size,
                                                          device, gen, sampled)))
@@ -306,15 +309,17 @@ class InfCP:
 
     # ---- the two phases of a member ---------------------------------------------------
     def _finetune(self, member: TorchGraph, teacher: TorchGraph | None, shard: CalibrationData, loss_fn: Loss,
-                  frozen: set[str], batch_size: int, device, rng: np.random.Generator) -> int:
-        """A few SGD steps on ``shard`` (in place on ``member``); returns the step count."""
+                  trainable: set[str], batch_size: int, device, rng: np.random.Generator) -> int:
+        """A few SGD steps on ``shard`` (in place on ``member``) over the ``trainable``
+        initializers (:func:`onnxprune.recover.training.trainable_initializers`); returns
+        the step count."""
         per_epoch = math.ceil(len(shard) / batch_size)
         steps = per_epoch if self.finetune_steps is None else int(self.finetune_steps)
         if steps == 0:
             return 0
         params = []
         for name, p in member.named_onnx_parameters():
-            train = name not in frozen and p.numel() > 1 and p.is_floating_point()
+            train = name in trainable
             p.requires_grad_(train)
             if train:
                 params.append(p)

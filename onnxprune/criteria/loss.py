@@ -26,7 +26,8 @@ an unbiased estimate of the Fisher (Gauss-Newton) diagonal, which is what the te
 loss's second-order change is made of (Theis et al., "Faster gaze prediction with dense
 networks and Fisher pruning", 2018, for the sampled-label Fisher). Samples of a batch
 draw independent targets, so the square of a batch gradient estimates the *sum* of the
-per-sample Fisher terms.
+per-sample Fisher terms when the batch's *summed* loss is differentiated (the mean
+divides it by the batch size squared).
 """
 
 from __future__ import annotations
@@ -87,6 +88,16 @@ def _float_pairs(outputs: Outputs, reference: Outputs | None) -> list[tuple[torc
     return pairs
 
 
+def _teacher_logits(reference: Outputs | None, logits: torch.Tensor) -> torch.Tensor:
+    if reference is None:
+        raise OnnxPruneError("loss kl needs the original model's outputs (reference)")
+    ref = _float(_seq(reference)[0]).detach()
+    if ref.shape != logits.shape:
+        raise OnnxPruneError(f"loss kl: the model's first output has shape {tuple(logits.shape)} but the "
+                             f"original's (teacher's) has {tuple(ref.shape)}")
+    return ref
+
+
 def _scale(r: torch.Tensor) -> torch.Tensor:
     """Variance of a reference output (floored so constant outputs do not divide by 0)."""
     return r.var(unbiased=False).clamp_min(1e-12) if r.numel() > 1 else r.new_tensor(1.0)
@@ -122,9 +133,7 @@ class Loss:
             return F.cross_entropy(logits, _labels(labels, logits))
         if self.kind == "kl":
             logits = _logits(outputs, "kl")
-            if reference is None:
-                raise OnnxPruneError("loss kl needs the original model's outputs (reference)")
-            ref = _float(_seq(reference)[0]).detach()
+            ref = _teacher_logits(reference, logits)
             return F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(ref, dim=1), log_target=True,
                             reduction="batchmean")
         total = None
@@ -149,9 +158,7 @@ class Loss:
             return self(outputs, labels, reference)
         if self.kind == "kl":
             logits = _logits(outputs, "kl")
-            if reference is None:
-                raise OnnxPruneError("loss kl needs the original model's outputs (reference)")
-            p = F.softmax(_float(_seq(reference)[0]).detach(), dim=1)
+            p = F.softmax(_teacher_logits(reference, logits), dim=1)
             drawn = torch.multinomial(p, 1, generator=generator).reshape(-1)
             return F.cross_entropy(logits, drawn)
         total = None

@@ -4,13 +4,15 @@ Molchanov, Mallya, Tyree, Frosio, Kautz, "Importance Estimation for Neural Netwo
 Pruning", CVPR 2019. Every channel c gets a multiplicative gate m_c = 1 (see
 :mod:`onnxprune.criteria.gates`: the gates sit where the channel-reducing ops read the
 channel, so m_c = 0 is exactly removing c). Removing c changes the loss by about
--dL/dm_c to first order; the score is (dL/dm_c)^2 per batch, summed over batches.
+-dL/dm_c to first order; the score is (dL/dm_c)^2 per batch (mean loss of the batch,
+weighted by its share of a full batch), summed over batches.
 The loss is cross-entropy against the labels. Without labels the loss is a teacher loss
 (KL to the original's softmax for classifiers, MSE to its outputs otherwise), whose
 gradient is zero at the unpruned point; the gradient then comes from
 :meth:`~onnxprune.criteria.loss.Loss.fisher_sample` (targets drawn from the teacher),
 so the score estimates the Fisher diagonal of the gates (Theis et al. 2018), the
-teacher loss's second-order change. ``loss="ce"`` without labels uses the original's
+teacher loss's second-order change: the squared gradient of the batch's *summed*
+sampled loss, whose expectation is the sum of the per-sample Fisher terms. ``loss="ce"`` without labels uses the original's
 argmax as pseudo-labels instead.
 """
 
@@ -80,13 +82,20 @@ class Taylor:
         for b in calibration_batches(data, batch_size, device):
             out = graph(b.x)
             ref = tuple(o.detach() for o in out)  # gates are all one: the original's outputs
+            n = b.x.shape[0]
             if loss_fn.uses_teacher:
-                loss = loss_fn.fisher_sample(out, b.y, ref, generator=gen)
+                # sum over the batch: the draws are independent and zero-mean, so the
+                # squared gradient of the sum estimates the sum of per-sample Fisher terms
+                loss = loss_fn.fisher_sample(out, b.y, ref, generator=gen) * n
+                weight = 1.0
             else:
+                # Molchanov's squared minibatch-mean gradient, weighted by the batch's size
+                # so that a short last batch counts for its share of the samples
                 loss = loss_fn(out, b.y, ref)
+                weight = n / batch_size
             (grad,) = torch.autograd.grad(loss, G, allow_unused=True)
             if grad is not None:
-                acc += grad.detach().to(torch.float64) ** 2
+                acc += weight * grad.detach().to(torch.float64) ** 2
         graph.clear_gates()
         scores = acc.cpu().numpy()
         return {g.id: scores[offsets[g.id]:offsets[g.id + 1]].copy() for g in analysis.groups if g.prunable}
