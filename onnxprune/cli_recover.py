@@ -16,18 +16,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from onnxprune.batching import declared_input_shape
 from onnxprune.cli_options import (data_options, finetune_from, finetune_options, input_shape_option, input_shapes,
                                    load_data, user_errors)
 from onnxprune.errors import OnnxPruneError, OutputPathError
 
 _NEEDS_DATA = "a .npz with x [and y], a .npy, or a folder of images"
-
-
-def _declared(model) -> list[int | None]:
-    from onnxprune.inputs import graph_inputs
-
-    dims = graph_inputs(model)[0].type.tensor_type.shape.dim
-    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
 
 
 def _check_output(out: Path, *models) -> None:
@@ -68,7 +62,7 @@ def eval_command(model, data_path, image_size, mean, std, scale, channel_order, 
     if r is not None:
         check_teacher(m, r, student_label=str(model), teacher_label=f"--reference {reference}")
     data = load_data(data_path, image_size, mean, std, scale, channel_order, grayscale).subset(samples, seed)
-    data.check(_declared(m))
+    data.check(declared_input_shape(m))
     res = evaluate(m, data, reference=r, batch_size=batch_size, model_label=str(model),
                    reference_label=None if reference is None else str(reference))
     res.render(Console())
@@ -118,7 +112,7 @@ def finetune_command(model, teacher, output, data_path, image_size, mean, std, s
         check_teacher(original, tmodel, student_label=str(model), teacher_label=f"--teacher {teacher}")
         tmodel = canonicalize(tmodel).model
     data = load_data(data_path, image_size, mean, std, scale, channel_order, grayscale).subset(samples, seed)
-    data.check(_declared(student))
+    data.check(declared_input_shape(student))
     shapes = resolve_input_shapes(student, input_shapes(input_shape))
     try:
         info = {}

@@ -61,13 +61,19 @@ class CalibrationData:
         idx = np.sort(np.random.default_rng(seed).choice(len(self), samples, replace=False))
         return CalibrationData(self.x[idx], None if self.y is None else self.y[idx], self.source)
 
-    def check(self, input_shape: Sequence[int | None], num_classes: int | None = None) -> "CalibrationData":
-        """Check against the model's input shape (None = any) and class count; returns self.
+    def check(self, input_shape: Sequence[int | None] | None, num_classes: int | None = None) -> "CalibrationData":
+        """Check against the model's input shape (None = any dim; None for the whole shape
+        when the model declares none) and class count; returns self.
+
+        Dim 0 (the batch) is never compared: a model with a fixed batch B takes any N, fed
+        in micro-batches of B (:mod:`onnxprune.batching`).
 
         Raises:
             DataError: rank or a fixed dim differs, labels outside [0, num_classes).
         """
         shp = tuple(self.x.shape)
+        if input_shape is None:
+            input_shape = (None,) * len(shp)
         if len(shp) != len(input_shape):
             raise DataError(f"{self.source}: x has shape {shp}, the model's input has rank {len(input_shape)} "
                             f"({_fmt(input_shape)})")

@@ -4,9 +4,12 @@ Rules :func:`evaluate` follows:
 
 - Runs in onnxruntime (CPUExecutionProvider unless told, full graph optimisation), in
   batches of ``batch_size`` samples. A symbolic batch dim takes the batch size; a fixed
-  batch dim B runs batches of exactly B (a fixed batch of 1 runs one sample at a time;
-  a last partial batch is padded by repeating its last sample and the padding dropped).
-  The reference model is batched the same way, by its own input's batch dim.
+  batch dim B runs micro-batches of exactly B (:mod:`onnxprune.batching`: a fixed batch
+  of 1 runs one sample at a time; a last partial micro-batch is padded by repeating its
+  last sample and the padding dropped). The reference model is batched the same way, by
+  its own input's batch dim. With several micro-batches every output must be
+  batch-first (dim 0 = B); one that is not is an error naming it (its parts cannot be
+  joined into the outputs of the whole batch).
 - One graph input (the data's ``x``, cast to the input's float type).
 - ``accuracy`` (top-1) and ``top5`` (with at least 5 classes) of the first output when
   the data has labels and that output is [N, classes].
@@ -31,6 +34,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxprune.data import CalibrationData
+from onnxprune.batching import batch_dim, require_one_input, run_in_fixed_batches
 from onnxprune.errors import OnnxPruneError
 from onnxprune.verify import make_session, model_source
 
@@ -132,13 +136,10 @@ class _Runner:
         with model_source(model) as src:
             self.sess = make_session(src, providers, options=opts, label=label)
         ins = self.sess.get_inputs()
-        if len(ins) != 1:
-            raise OnnxPruneError(f"{label}: evaluation supports models with one input, this one has "
-                                 f"{len(ins)} ({', '.join(i.name for i in ins)})")
+        require_one_input([i.name for i in ins], f"{label}: evaluation")
         self.input = ins[0]
         self.names = [o.name for o in self.sess.get_outputs()]
-        dim0 = self.input.shape[0] if self.input.shape else None
-        self.fixed = int(dim0) if isinstance(dim0, int) and dim0 > 0 else None
+        self.fixed = batch_dim(self.input.shape[0]) if self.input.shape else None  # the batching rule
         self.dtype = {"tensor(float16)": np.float16, "tensor(double)": np.float64}.get(self.input.type, np.float32)
         self.label = label
 
@@ -146,19 +147,12 @@ class _Runner:
         from onnxprune.verify import _run_session  # one error path for ORT failures
 
         x = x.astype(self.dtype, copy=False)
-        if self.fixed is None or self.fixed == len(x):
-            return _run_session(self.sess, {self.input.name: x}, self.label)
-        parts: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
-        b = self.fixed
-        for i in range(0, len(x), b):
-            chunk = x[i:i + b]
-            real = len(chunk)
-            if real < b:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - real, axis=0)])
+
+        def run_one(chunk: np.ndarray) -> list[np.ndarray]:
             out = _run_session(self.sess, {self.input.name: chunk}, self.label)
-            for n in self.names:
-                parts[n].append(out[n][:real] if out[n].ndim and out[n].shape[0] == b else out[n])
-        return {n: np.concatenate(v) if v[0].ndim else v[0] for n, v in parts.items()}
+            return [out[n] for n in self.names]
+
+        return dict(zip(self.names, run_in_fixed_batches(run_one, x, self.fixed, self.names, self.label)))
 
 
 class _Fidelity:
@@ -226,7 +220,9 @@ def evaluate(model: onnx.ModelProto | str | os.PathLike, data: CalibrationData, 
 
     Raises:
         OnnxPruneError: batch size < 1, several graph inputs, no output shared with the
-            reference, an output whose shape differs from the reference's; DataError:
+            reference, an output whose shape differs from the reference's, an output
+            that is not batch-first in a model with a fixed batch run on more samples
+            than that batch; DataError:
             labels outside the class count; VerificationError: onnxruntime fails.
     """
     from onnxprune.errors import DataError

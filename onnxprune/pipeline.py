@@ -195,7 +195,8 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
     plan_opts, sweep, search = options.plan, None, None
     if plan_opts.round_to == ROUND_TO_AUTO:
         with _timed(times, "sweep"):
-            sweep = channel_sweep(prep.model, a.shapes, provider=options.provider, threads=options.threads)
+            sweep = channel_sweep(prep.model, a.shapes, provider=options.provider, threads=options.threads,
+                                  analysis=a)
         plan_opts = dataclasses.replace(plan_opts, round_to=sweep.round_to)
     with _timed(times, "plan"):
         if options.target.kind is TargetKind.LATENCY:  # plan, apply and measure until the target is met
@@ -280,13 +281,11 @@ def _recover(prep: Prepared, plan: PruningPlan, pruned: onnx.ModelProto, options
     return rec.model, result, info
 
 
-def _declared_input_shape(model: onnx.ModelProto) -> list[int | None]:
-    """The first graph input's declared shape (None for symbolic or unknown dims)."""
-    from onnxprune.inputs import graph_inputs
+def _declared_input_shape(model: onnx.ModelProto) -> list[int | None] | None:
+    """The first graph input's declared shape (:func:`onnxprune.batching.declared_input_shape`)."""
+    from onnxprune.batching import declared_input_shape
 
-    vi = graph_inputs(model)[0]
-    dims = vi.type.tensor_type.shape.dim
-    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+    return declared_input_shape(model)
 
 
 def group_rows(analysis: Analysis, plan: PruningPlan | None = None) -> tuple[GroupRow, ...]:

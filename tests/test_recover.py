@@ -121,8 +121,9 @@ def test_written_back_weights_match_the_trained_torch_module(tmp_path, monkeypat
 
 
 def test_fixed_batch_one_model_trains_like_the_batched_one():
-    """A model declaring batch 1 is fed one sample at a time with accumulated gradients:
-    the same steps as the symbolic-batch model takes on whole batches."""
+    """A model declaring batch 1 is fed one sample at a time (micro-batches, outputs joined,
+    onnxprune.batching): the same steps as the symbolic-batch model takes on whole batches
+    (more cases, B > --batch-size and N < B: tests/test_batching.py)."""
     teacher, student = pruned_pair()
     fixed = onnx.ModelProto()
     fixed.CopyFrom(student)

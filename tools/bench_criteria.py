@@ -12,7 +12,8 @@ Benchmarks (issue 3), each with separate calibration and test sets:
   at 0.9.
 
 For every (benchmark, target, criterion): the metric, the MACs kept, the wall time of the
-scoring stage. ``random`` is averaged over ``--random-seeds`` seeds.
+scoring stage, averaged over ``--seeds`` seeds (the calibration draw and any sampling;
+``random`` over at least ``--random-seeds``).
 
     python tools/bench_criteria.py --json criteria.json            # all, CPU
     python tools/bench_criteria.py --bench lenet5 --criteria l1 taylor --device cuda
@@ -102,6 +103,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--loss", default="auto")
     ap.add_argument("--random-seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=1, help="seeds (calibration draw, sampling) of every criterion")
     ap.add_argument("--scope", default="global", choices=["global", "layer"])
     ap.add_argument("--max-layer-ratio", type=float, default=1.0)
     ap.add_argument("--round-to", type=int, default=1)
@@ -121,7 +123,7 @@ def main() -> int:
             print(f"{bname}: unpruned {metric} {base:.4f} on {len(b.test_x)} test samples", flush=True)
             for target in args.targets or b.targets:
                 for crit in args.criteria:
-                    seeds = range(args.random_seeds) if crit == "random" else [0]
+                    seeds = range(max(args.seeds, args.random_seeds) if crit == "random" else args.seeds)
                     vals, secs, macs = [], [], []
                     for seed in seeds:
                         opts = CompressOptions(

@@ -119,6 +119,7 @@ import torch
 from onnxprune.analysis.context import Role
 from onnxprune.analysis.groups import Analysis
 from onnxprune.criteria.base import Scores
+from onnxprune.batching import fixed_batch
 from onnxprune.criteria.calibration import calibration_batches, scoring_setup
 from onnxprune.criteria.gates import channel_gates, group_offsets
 from onnxprune.data import CalibrationData
@@ -221,9 +222,10 @@ class IFSO:
         acc = torch.zeros(G.shape[0], dtype=torch.float64, device=device)
         v_norms = []
         try:
-            for b in calibration_batches(data, batch_size, device, teacher=graph if need_ref else None):
+            for b in calibration_batches(data, batch_size, device, teacher=graph if need_ref else None,
+                                         fixed=fixed_batch(model)):
                 def loss_at(b=b):
-                    return loss_fn(graph(b.x), b.y, b.reference)
+                    return loss_fn(b.forward(graph), b.y, b.reference)
 
                 u, v_norm = fd_hessian_vector_product(loss_at, G, params, r=self.r, lam=self.lam)
                 if not bool(torch.isfinite(u).all()):

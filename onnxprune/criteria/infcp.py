@@ -84,6 +84,7 @@ import torch
 
 from onnxprune.analysis.groups import Analysis
 from onnxprune.criteria.base import Scores
+from onnxprune.batching import fixed_batch
 from onnxprune.criteria.calibration import calibration_batches, scoring_setup
 from onnxprune.criteria.loss import Loss
 from onnxprune.data import CalibrationData
@@ -280,6 +281,7 @@ class InfCP:
         ref = None if use_labels else teacher
         frozen = _bn_statistics(teacher)
         trainable = set(trainable_initializers(model))  # the same weights recovery trains
+        fixed = fixed_batch(model)
         reducer = _ChannelReducer(analysis, {n for n, _ in teacher.named_onnx_parameters()} - frozen, device)
 
         members, steps_done = [], []
@@ -289,10 +291,11 @@ class InfCP:
             gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + k)
             rng = np.random.default_rng([seed, k])
             member = copy.deepcopy(teacher)
-            steps = 0 if sampled else self._finetune(member, ref, shard, loss_fn, trainable, batch_size, device, rng)
+            steps = 0 if sampled else self._finetune(member, ref, shard, loss_fn, trainable, batch_size, device, rng,
+                                                                fixed)
             steps_done.append(steps)
             members.append(reducer.split(self._influence(member, ref, shard, loss_fn, reducer, batch_size,
-                                                         device, gen, sampled)))
+                                                         device, gen, sampled, fixed)))
             del member
         scores = {gid: np.mean([m[gid] for m in members], axis=0) for gid in members[0]}
         info: dict = {"members": len(members), "finetune_steps": int(max(steps_done)),
@@ -309,7 +312,8 @@ class InfCP:
 
     # ---- the two phases of a member ---------------------------------------------------
     def _finetune(self, member: TorchGraph, teacher: TorchGraph | None, shard: CalibrationData, loss_fn: Loss,
-                  trainable: set[str], batch_size: int, device, rng: np.random.Generator) -> int:
+                  trainable: set[str], batch_size: int, device, rng: np.random.Generator,
+                  fixed: int | None = None) -> int:
         """A few SGD steps on ``shard`` (in place on ``member``) over the ``trainable``
         initializers (:func:`onnxprune.recover.training.trainable_initializers`); returns
         the step count."""
@@ -328,11 +332,11 @@ class InfCP:
         while done < steps:
             order = rng.permutation(len(shard))
             shuffled = CalibrationData(shard.x[order], None if shard.y is None else shard.y[order], shard.source)
-            for b in calibration_batches(shuffled, batch_size, device, teacher):
+            for b in calibration_batches(shuffled, batch_size, device, teacher, fixed=fixed):
                 if done == steps:
                     break
                 opt.zero_grad(set_to_none=True)
-                loss = loss_fn(member(b.x), b.y, b.reference)
+                loss = loss_fn(b.forward(member), b.y, b.reference)
                 if not torch.isfinite(loss):
                     raise OnnxPruneError(f"infcp fine-tuning diverged (loss {float(loss)}); lower lr")
                 loss.backward()
@@ -344,7 +348,7 @@ class InfCP:
 
     def _influence(self, member: TorchGraph, teacher: TorchGraph | None, shard: CalibrationData, loss_fn: Loss,
                    reducer: _ChannelReducer, batch_size: int, device, gen: torch.Generator,
-                   sampled: bool) -> np.ndarray:
+                   sampled: bool, fixed: int | None = None) -> np.ndarray:
         """float64 [prunable channels]: |sum_w w dL/dw| on ``shard`` at the member's weights."""
         names = reducer.tensors
         params = [member.parameter(n) for n in names]
@@ -353,8 +357,8 @@ class InfCP:
         n = len(shard)
         gsum = [None] * len(params)
         acc = torch.zeros(reducer.total, dtype=torch.float64, device=device)
-        for b in calibration_batches(shard, batch_size, device, teacher):
-            out = member(b.x)
+        for b in calibration_batches(shard, batch_size, device, teacher, fixed=fixed):
+            out = b.forward(member)
             if sampled:
                 loss = loss_fn.fisher_sample(out, b.y, b.reference, generator=gen)
             else:

@@ -27,6 +27,7 @@ import torch
 
 from onnxprune.analysis.groups import Analysis
 from onnxprune.criteria.base import Scores
+from onnxprune.batching import fixed_batch
 from onnxprune.criteria.calibration import calibration_batches, scoring_setup
 from onnxprune.criteria.gates import channel_gates
 from onnxprune.data import CalibrationData
@@ -79,8 +80,8 @@ class Taylor:
         G, offsets = channel_gates(analysis, graph, device, model=model)
         acc = torch.zeros(G.shape[0], dtype=torch.float64, device=device)
         gen = torch.Generator(device=device).manual_seed(seed)
-        for b in calibration_batches(data, batch_size, device):
-            out = graph(b.x)
+        for b in calibration_batches(data, batch_size, device, fixed=fixed_batch(model)):
+            out = b.forward(graph)
             ref = tuple(o.detach() for o in out)  # gates are all one: the original's outputs
             n = b.x.shape[0]
             if loss_fn.uses_teacher:

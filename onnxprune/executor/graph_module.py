@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from onnxprune.analysis.analyze import model_opset
-from onnxprune.errors import UnsupportedModelError
+from onnxprune.errors import OnnxPruneError, UnsupportedModelError, first_line
 from onnxprune.executor.context import EvalContext, EvalNode
 from onnxprune.ops.registry import get_evaluator
 
@@ -148,6 +148,11 @@ class TorchGraph(nn.Module):
 
         Returns:
             The graph outputs, in order.
+
+        Raises:
+            OnnxPruneError: a node's evaluation raised a torch RuntimeError (e.g. a
+                hard-coded batch in a Reshape, see :mod:`onnxprune.batching`); the message
+                names the node, its op and its input shapes.
         """
         env: dict[str, torch.Tensor] = dict(zip(self.input_names, args))
         env.update(feeds)
@@ -156,33 +161,44 @@ class TorchGraph(nn.Module):
             env[name] = self._params[i]
         for name, c in self._consts.items():
             env[name] = c.to(dev) if c.device != dev else c
-        input_gates = self._input_gates
         for node, fn, ins, outs in self._plan:
             vals = [env[n] if n else None for n in ins]
-            if input_gates:
-                ig = input_gates.get(node.name)
-                if ig is not None:
-                    for i, (axis, gate) in ig.items():
-                        v = vals[i]
-                        if callable(gate):
-                            gate = gate()
-                        shape = [1] * v.dim()
-                        shape[axis] = -1
-                        vals[i] = v * gate.to(v.dtype).view(shape)
-            if self._overrides and node.name in self._overrides:
-                fn = self._overrides[node.name]
-            res = fn(node, vals, self._ctx)
-            for n, v in zip(outs, res):
-                if not n:
-                    continue
-                g = self._gates.get(n)
-                if g is not None:
-                    axis, gate = g
-                    shape = [1] * v.dim()
-                    shape[axis] = -1
-                    v = v * gate.view(shape)
-                env[n] = v
+            try:
+                self._eval_node(node, fn, vals, outs, env)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as e:  # a shape / dtype mismatch in torch: name the node
+                shapes = ", ".join("-" if v is None else str(list(v.shape)) for v in vals)
+                raise OnnxPruneError(f"node {node.name!r} ({node.op}) failed on inputs of shapes {shapes}: "
+                                     f"{first_line(e)}") from e
         return tuple(env[n] for n in self.output_names)
+
+    def _eval_node(self, node: EvalNode, fn: Callable, vals: list, outs: list[str],
+                   env: dict[str, torch.Tensor]) -> None:
+        """Evaluate one node (its input gates, override, output gates) into ``env``."""
+        vals = list(vals)
+        ig = self._input_gates.get(node.name) if self._input_gates else None
+        if ig is not None:
+            for i, (axis, gate) in ig.items():
+                v = vals[i]
+                if callable(gate):
+                    gate = gate()
+                shape = [1] * v.dim()
+                shape[axis] = -1
+                vals[i] = v * gate.to(v.dtype).view(shape)
+        if self._overrides and node.name in self._overrides:
+            fn = self._overrides[node.name]
+        res = fn(node, vals, self._ctx)
+        for n, v in zip(outs, res):
+            if not n:
+                continue
+            g = self._gates.get(n)
+            if g is not None:
+                axis, gate = g
+                shape = [1] * v.dim()
+                shape[axis] = -1
+                v = v * gate.view(shape)
+            env[n] = v
 
     def write_back(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """Copy of ``model`` whose float initializers hold this module's parameter values."""

@@ -52,11 +52,12 @@ import torch
 from onnx import helper, numpy_helper
 
 from onnxprune.analysis.groups import Analysis
+from onnxprune.batching import fixed_batch, fixed_chunks, require_one_input
 from onnxprune.data import CalibrationData
 from onnxprune.errors import OnnxPruneError
 from onnxprune.executor.graph_module import TorchGraph
 from onnxprune.ops.registry import get_evaluator, get_handler
-from onnxprune.recover.bn import RunningStats, model_batches
+from onnxprune.recover.bn import RunningStats
 
 __all__ = ["BiasCompensation", "Site", "activation_means", "compensate_bias", "removed_sites"]
 
@@ -149,28 +150,32 @@ def activation_means(model: onnx.ModelProto, sites: list[Site], data: Calibratio
     if len(data) == 0:
         raise OnnxPruneError("bias compensation needs at least one calibration sample")
     graph = TorchGraph(model, requires_grad=False).to(device)
-    if len(graph.input_names) != 1:
-        raise OnnxPruneError(f"bias compensation supports models with one input, this one has "
-                             f"{len(graph.input_names)} ({', '.join(graph.input_names)})")
+    require_one_input(graph.input_names, "bias compensation")
     by_node: dict[str, list[Site]] = {}
     for s in sites:
         by_node.setdefault(s.node, []).append(s)
     stats = {(s.node, s.index): RunningStats() for s in sites}
     ops = {name: (op, dom) for name, op, dom, _ in graph.nodes()}
 
+    rows = [0]  # real (not padding) samples of the current micro-batch
+
     def capture(node_sites: list[Site], real):
         def fn(node, inputs, ctx):
             for s in node_sites:
-                stats[(s.node, s.index)].update(inputs[s.index], s.axis)
+                v = inputs[s.index]
+                stats[(s.node, s.index)].update(v[: rows[0]] if s.axis != 0 else v, s.axis)
             return real(node, inputs, ctx)
         return fn
 
     for name, node_sites in by_node.items():
         op, dom = ops[name]
         graph.override_node(name, capture(node_sites, get_evaluator(op, graph.opset, dom)))
+    fixed = fixed_batch(model)  # micro-batches of a fixed batch dim, every sample once (onnxprune.batching)
     with torch.no_grad():
-        for x, _ in model_batches(model, data, batch_size):
-            graph(torch.from_numpy(np.ascontiguousarray(x)).to(device))
+        for x, _ in data.batches(batch_size):
+            for chunk, real in fixed_chunks(torch.from_numpy(np.ascontiguousarray(x)).to(device), fixed):
+                rows[0] = real
+                graph(chunk)
     return {k: v.mean for k, v in stats.items()}
 
 

@@ -12,12 +12,20 @@ Rules :func:`recalibrate_bn` follows:
 
 - The graph is evaluated in torch (:class:`~onnxprune.executor.graph_module.TorchGraph`,
   no gradients). Every BatchNormalization node with 1-D parameters and
-  ``training_mode=0`` is re-estimated; one pass over the data updates all of them.
-- During that pass each BN normalises its input with the *batch* statistics (as in
-  training mode, the EagleEye procedure), so a BN downstream sees inputs produced with
-  the re-estimated (not the stale) statistics of the BNs before it. With all data in one
-  batch the written statistics are exactly the per-channel mean and variance of each
-  BN's input in the re-calibrated model.
+  ``training_mode=0`` is re-estimated.
+- Every BN normalises in inference mode, as in the deployed model: the statistics written
+  for a BN are the per-channel mean and variance of its input *in the re-calibrated
+  model*, i.e. computed with the re-estimated statistics of every BN upstream of it. To
+  get them, the BNs are grouped by depth (a BN's depth is 1 + the largest depth of the
+  re-estimated BNs its input depends on; 1 without one) and pass k over the data
+  measures the inputs of the depth-k BNs while the BNs of depth < k already use their
+  new statistics (the pass stops after its last depth-k BN). The number of passes is the
+  largest depth (the number of BNs in sequence). The result is exact for any batch size,
+  including a fixed batch of 1 (no per-batch statistics, so no instance normalisation and
+  no zero variance of a BN on [N, C] with N = 1).
+- Batches of ``batch_size`` samples, or micro-batches of the model's fixed batch B
+  (:mod:`onnxprune.batching`: the last one padded, padding rows not counted), so every
+  sample is used exactly once whatever N and B.
 - Statistics are per channel (axis 1) over N and every spatial axis, accumulated over
   batches in float64 with Chan's parallel update (exact population mean and *biased*
   variance of all samples, not a momentum average).
@@ -34,11 +42,12 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from onnxprune.batching import fixed_batch, fixed_chunks, require_one_input
 from onnxprune.data import CalibrationData
 from onnxprune.errors import OnnxPruneError
 from onnxprune.executor.graph_module import TorchGraph
 
-__all__ = ["BNRecalibration", "RunningStats", "fixed_batch", "model_batches", "recalibrate_bn"]
+__all__ = ["BNRecalibration", "RunningStats", "fixed_batch", "recalibrate_bn"]
 
 
 class RunningStats:
@@ -101,28 +110,6 @@ class BNRecalibration:
                 "max_mean_shift": max(self.mean_shift.values(), default=0.0)}
 
 
-def fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The first graph input's declared batch dim when it is a fixed number, else None.
-
-    A model exported with batch 1 often hard-codes it (``Reshape`` to ``[1, -1]``), so the
-    torch passes of recovery feed such a model exactly that many samples at a time.
-    """
-    from onnxprune.inputs import graph_inputs
-
-    ins = graph_inputs(model)
-    dims = ins[0].type.tensor_type.shape.dim if ins else []
-    return int(dims[0].dim_value) if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
-
-
-def model_batches(model: onnx.ModelProto, data: CalibrationData, batch_size: int):
-    """``data.batches`` of ``batch_size``, or of the model's fixed batch dim (:func:`fixed_batch`);
-    with a fixed batch B > 1 a last partial batch is dropped."""
-    fixed = fixed_batch(model)
-    for x, y in data.batches(fixed or batch_size):
-        if fixed is None or len(x) == fixed:
-            yield x, y
-
-
 def _bn_nodes(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto]) -> list[onnx.NodeProto]:
     out = []
     for node in model.graph.node:
@@ -139,20 +126,46 @@ def _bn_nodes(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto]) -> lis
     return out
 
 
-def _batch_stat_bn(stats: RunningStats):
-    """Evaluator of a BN node that records its input and normalises with batch statistics."""
+def _depths(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> dict[str, int]:
+    """Depth of each re-estimated BN: 1 + the largest depth among the re-estimated BNs its
+    data input depends on (1 when none). ``model.graph.node`` is in topological order (ONNX)."""
+    chosen = {n.name for n in nodes}
+    level: dict[str, int] = {}  # tensor -> largest depth of a re-estimated BN it depends on
+    depth: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.name in chosen:
+            depth[node.name] = d = 1 + level.get(node.input[0], 0)
+        else:
+            d = max((level.get(t, 0) for t in node.input if t), default=0)
+        for t in node.output:
+            if t:
+                level[t] = d
+    return depth
+
+
+class _PassDone(Exception):
+    """Raised after the last BN measured in a pass, to stop the forward (not an error)."""
+
+
+def _inference_bn(mean: torch.Tensor | None = None, var: torch.Tensor | None = None,
+                  record: RunningStats | None = None, rows: list[int] | None = None, on_seen=None):
+    """Evaluator of a BN node in inference mode with ``mean`` / ``var`` (None: the stored
+    ones, the node's inputs 3 and 4). With ``record``, the first ``rows[0]`` rows of its
+    input (the real samples of the micro-batch) are added to ``record``, then ``on_seen()``
+    is called (it may raise :class:`_PassDone`)."""
 
     def fn(node, inputs, ctx):
         x, scale, bias = inputs[0], inputs[1], inputs[2]
+        if record is not None:
+            record.update(x[: rows[0]], 1)
+            on_seen()
+        m = inputs[3] if mean is None else mean
+        v = inputs[4] if var is None else var
         eps = float(node.attrs.get("epsilon", 1e-5))
-        stats.update(x, 1)
-        dims = (0,) + tuple(range(2, x.dim()))
-        xf = x.float()
-        mean = xf.mean(dim=dims)
-        var = xf.var(dim=dims, unbiased=False)
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        inv = scale.float() * torch.rsqrt(var + eps)
-        y = xf * inv.view(shape) + (bias.float() - mean * inv).view(shape)
+        xf = x.float()
+        inv = scale.float() * torch.rsqrt(v.float() + eps)
+        y = xf * inv.view(shape) + (bias.float() - m.float() * inv).view(shape)
         extra = [inputs[3], inputs[4], inputs[3], inputs[4]]  # optional outputs: stored statistics
         return [y.to(x.dtype)] + extra[: max(0, node.n_outputs - 1)]
 
@@ -163,23 +176,30 @@ def recalibrate_bn(model: onnx.ModelProto, data: CalibrationData, *, batch_size:
                    device: str | torch.device = "cpu") -> BNRecalibration:
     """Re-estimate the running mean / variance of every BatchNormalization node on ``data``.
 
+    Exact (module docstring): each BN gets the float64 per-channel mean and biased variance
+    of its input over all N samples, in the model with the new statistics of the BNs before
+    it, for any batch size and any fixed batch dim.
+
     Args:
         model: a canonical model (weights as initializers), one graph input; not modified.
         data: calibration inputs float32 [N, ...] in the model's input layout (labels unused).
-        batch_size: samples per forward pass (bounds memory); a model with a fixed batch
-            dim is fed that many (:func:`model_batches`).
-        device: torch device of the pass.
+        batch_size: samples per forward pass (bounds memory, >= 1); a model with a fixed
+            batch dim B is fed micro-batches of B instead (:mod:`onnxprune.batching`).
+        device: torch device of the passes.
 
     Returns:
-        :class:`BNRecalibration`; ``nodes`` is empty (and ``model`` an unchanged copy)
-        when the model has no BatchNormalization node.
+        :class:`BNRecalibration` (``samples`` = N, every sample is used); ``nodes`` is
+        empty (and ``model`` an unchanged copy) when the model has no BatchNormalization node.
 
     Raises:
-        OnnxPruneError: no samples, several graph inputs, or a BN channel that saw no value;
-        UnsupportedModelError: an op the torch executor lacks.
+        OnnxPruneError: no samples, batch_size < 1, several graph inputs, a node failing in
+        torch, or a BN channel that saw no value; UnsupportedModelError: an op the torch
+        executor lacks.
     """
     if len(data) == 0:
         raise OnnxPruneError("BN re-calibration needs at least one calibration sample")
+    if int(batch_size) < 1:
+        raise OnnxPruneError(f"--batch-size must be >= 1, got {batch_size}")
     out = onnx.ModelProto()
     out.CopyFrom(model)
     inits = {t.name: t for t in out.graph.initializer}
@@ -187,15 +207,41 @@ def recalibrate_bn(model: onnx.ModelProto, data: CalibrationData, *, batch_size:
     if not nodes:
         return BNRecalibration(out, (), len(data), {})
     graph = TorchGraph(out, requires_grad=False).to(device)
-    if len(graph.input_names) != 1:
-        raise OnnxPruneError(f"BN re-calibration supports models with one input, this one has "
-                             f"{len(graph.input_names)} ({', '.join(graph.input_names)})")
+    require_one_input(graph.input_names, "BN re-calibration")
+    fixed = fixed_batch(out)
+    depth = _depths(out, nodes)
     stats = {n.name: RunningStats() for n in nodes}
-    for n in nodes:
-        graph.override_node(n.name, _batch_stat_bn(stats[n.name]))
-    with torch.no_grad():
-        for x, _ in model_batches(out, data, batch_size):
-            graph(torch.from_numpy(np.ascontiguousarray(x)).to(device))
+    new: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    rows = [0]
+    samples = 0
+    for k in range(1, max(depth.values()) + 1):
+        level = [n.name for n in nodes if depth[n.name] == k]
+        seen = [0]
+
+        def on_seen(total=len(level), seen=seen):
+            seen[0] += 1
+            if seen[0] == total:
+                raise _PassDone
+
+        for name in level:
+            graph.override_node(name, _inference_bn(record=stats[name], rows=rows, on_seen=on_seen))
+        samples = 0
+        with torch.no_grad():
+            for x, _ in data.batches(int(batch_size)):
+                xt = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+                for chunk, real in fixed_chunks(xt, fixed):
+                    rows[0], seen[0] = real, 0
+                    try:
+                        graph(chunk)
+                    except _PassDone:
+                        pass
+                    samples += real
+        for name in level:  # later passes see this level with its new statistics
+            s = stats[name]
+            if s.count == 0:
+                raise OnnxPruneError(f"BatchNormalization {name}: no values seen during re-calibration")
+            new[name] = (torch.from_numpy(s.mean).to(device), torch.from_numpy(s.var).to(device))
+            graph.override_node(name, _inference_bn(*new[name]))
     uses: dict[str, int] = {}
     for node in out.graph.node:
         for name in node.input:
@@ -203,8 +249,6 @@ def recalibrate_bn(model: onnx.ModelProto, data: CalibrationData, *, batch_size:
     shift: dict[str, float] = {}
     for node in nodes:
         s = stats[node.name]
-        if s.count == 0:
-            raise OnnxPruneError(f"BatchNormalization {node.name}: no values seen during re-calibration")
         eps = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "epsilon"), 1e-5)
         old_mean = numpy_helper.to_array(inits[node.input[3]]).astype(np.float64)
         old_var = numpy_helper.to_array(inits[node.input[4]]).astype(np.float64)
@@ -213,10 +257,10 @@ def recalibrate_bn(model: onnx.ModelProto, data: CalibrationData, *, batch_size:
             name = node.input[slot]
             dtype = onnx.helper.tensor_dtype_to_np_dtype(inits[name].data_type)
             if uses.get(name, 0) > 1:  # shared with another node: give this BN its own copy
-                new = f"{node.name}.{'running_mean' if slot == 3 else 'running_var'}_recal"
-                out.graph.initializer.append(numpy_helper.from_array(value.astype(dtype), new))
-                node.input[slot] = new
+                new_name = f"{node.name}.{'running_mean' if slot == 3 else 'running_var'}_recal"
+                out.graph.initializer.append(numpy_helper.from_array(value.astype(dtype), new_name))
+                node.input[slot] = new_name
                 uses[name] -= 1
             else:
                 inits[name].CopyFrom(numpy_helper.from_array(value.astype(dtype), name))
-    return BNRecalibration(out, tuple(n.name for n in nodes), len(data), shift)
+    return BNRecalibration(out, tuple(n.name for n in nodes), samples, shift)

@@ -18,10 +18,13 @@ Rules :func:`finetune` follows:
   both softmaxes of ``kl`` and scales the loss by T^2 (Hinton et al., "Distilling the
   Knowledge in a Neural Network", 2015); the default T = 1 is the plain KL of issue 3.
 - Batches of ``batch_size`` samples drawn in a seeded random order each epoch; only the
-  current batch and its teacher outputs live on the device. A model whose input has a
-  fixed batch dim B (exports with batch 1 often hard-code it in a Reshape) is fed B
-  samples at a time and the step's gradient accumulated over them (with B > 1 the
-  samples of a step beyond a multiple of B are left out of that step).
+  current batch and its teacher outputs live on the device; ceil(N / batch_size) steps
+  per epoch. A model whose input has a fixed batch dim B (exports with batch 1 often
+  hard-code it in a Reshape) runs each step's batch in micro-batches of B
+  (:mod:`onnxprune.batching`: the last one padded, padding dropped from the outputs), and
+  the loss is that of the whole step's batch, so the step is the one a free-batch model
+  takes, for any B and batch_size (B > batch_size and N < B included); the student and
+  the teacher each use their own fixed batch.
 - Optimizers ``sgd`` (momentum 0.9), ``adam``, ``adamw``; schedule ``cosine`` (from lr to
   0 over all steps, per step) or ``constant``. Defaults (adam, lr 1e-4, no weight decay)
   are the cautious choice for a short recovery of a pretrained model.
@@ -41,13 +44,13 @@ import numpy as np
 import onnx
 import torch
 
+from onnxprune.batching import fixed_batch, forward_fixed, require_one_input, value_info_dims
 from onnxprune.criteria.calibration import first_output_rank
 from onnxprune.criteria.loss import Loss, resolve_loss
 from onnxprune.data import CalibrationData
 from onnxprune.errors import OnnxPruneError, UnsupportedModelError
 from onnxprune.executor.graph_module import TorchGraph
 from onnxprune.inputs import graph_inputs
-from onnxprune.recover.bn import fixed_batch
 
 __all__ = ["FinetuneOptions", "FinetuneResult", "OPTIMIZERS", "SCHEDULES", "check_teacher", "finetune",
            "trainable_initializers"]
@@ -174,13 +177,6 @@ def trainable_initializers(model: onnx.ModelProto) -> list[str]:
     return [name for name in floats if name in picked]
 
 
-def _dims(vi: onnx.ValueInfoProto) -> list[int | None]:
-    t = vi.type.tensor_type
-    if not t.HasField("shape"):
-        return []
-    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim]
-
-
 def _fmt(dims: list[int | None]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
@@ -190,7 +186,8 @@ def check_teacher(student: onnx.ModelProto, teacher: onnx.ModelProto, *, student
     """Check that ``teacher`` takes the student's inputs and gives its outputs.
 
     Same graph input names in the same order, no fixed dim (other than the batch) that
-    differs, and the same output names with the same rank.
+    differs, and the same output names with the same rank and no fixed dim other than
+    dim 0 that differs (dims unknown on either side are not compared).
 
     Raises:
         OnnxPruneError: the first difference, naming both labels, the tensor and the shapes.
@@ -200,7 +197,7 @@ def check_teacher(student: onnx.ModelProto, teacher: onnx.ModelProto, *, student
         raise OnnxPruneError(f"{teacher_label}: inputs {[i.name for i in ti]} differ from the inputs of "
                              f"{student_label} {[i.name for i in si]}")
     for a, b in zip(si, ti):
-        da, db = _dims(a), _dims(b)
+        da, db = value_info_dims(a) or [], value_info_dims(b) or []
         if da and db and (len(da) != len(db) or any(
                 x is not None and y is not None and x != y for x, y in list(zip(da, db))[1:])):
             raise OnnxPruneError(f"{teacher_label}: input {a.name!r} has shape {_fmt(db)}, but {student_label} "
@@ -210,10 +207,13 @@ def check_teacher(student: onnx.ModelProto, teacher: onnx.ModelProto, *, student
         raise OnnxPruneError(f"{teacher_label}: outputs {[o.name for o in to]} differ from the outputs of "
                              f"{student_label} {[o.name for o in so]}")
     for a, b in zip(so, to):
-        da, db = _dims(a), _dims(b)
+        da, db = value_info_dims(a) or [], value_info_dims(b) or []
         if da and db and len(da) != len(db):
             raise OnnxPruneError(f"{teacher_label}: output {a.name!r} has rank {len(db)}, {student_label}'s "
                                  f"has rank {len(da)}")
+        if da and db and any(x is not None and y is not None and x != y for x, y in list(zip(da, db))[1:]):
+            raise OnnxPruneError(f"{teacher_label}: output {a.name!r} has shape {_fmt(db)}, but {student_label}'s "
+                                 f"is {_fmt(da)}; the teacher must be the model {student_label} was pruned from")
 
 
 def _optimizer(params: list[torch.nn.Parameter], opts: FinetuneOptions) -> torch.optim.Optimizer:
@@ -276,9 +276,7 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
     if not names:
         raise OnnxPruneError("the model has no float weights to fine-tune")
     net = TorchGraph(student, requires_grad=False).to(device)
-    if len(net.input_names) != 1:
-        raise OnnxPruneError(f"fine-tuning supports models with one input, this one has {len(net.input_names)} "
-                             f"({', '.join(net.input_names)})")
+    require_one_input(net.input_names, "fine-tuning")
     params = [net.parameter(n) for n in names]
     odd = sorted({str(p.dtype) for p in params} - {"torch.float32", "torch.float64"})
     if odd:
@@ -289,9 +287,8 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
     if teacher is not None:
         tnet = TorchGraph(teacher, requires_grad=False).to(device).eval()
 
-    fixed = fixed_batch(student)
-    if fixed is None and teacher is not None:
-        fixed = fixed_batch(teacher)
+    fixed = fixed_batch(student)  # each graph runs in micro-batches of its own fixed batch
+    tfixed = None if teacher is None else fixed_batch(teacher)
     gen = torch.Generator().manual_seed(int(options.seed))
     bs = int(options.batch_size)
     n = len(data)
@@ -310,27 +307,21 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
         ref = None
         if tnet is not None:
             with torch.no_grad():
-                ref = tuple(t.detach() for t in tnet(x))
+                ref = tuple(t.detach() for t in forward_fixed(tnet, x, tfixed))
         return x, y, ref
 
-    def loss_of(outputs, y, ref) -> torch.Tensor:
-        return _loss(loss_fn, outputs, y, ref, options.temperature)
-
-    def chunks(idx: np.ndarray) -> list[np.ndarray]:
-        """A step's samples as the model can take them: all at once, or in its fixed batch."""
-        if fixed is None:
-            return [idx]
-        return [idx[j:j + fixed] for j in range(0, len(idx) - fixed + 1, fixed)]
+    def loss_on(idx: np.ndarray) -> torch.Tensor:
+        """Mean loss of the samples ``idx`` (one step's batch), run as the model can take them."""
+        x, y, ref = batch(idx)
+        return _loss(loss_fn, forward_fixed(net, x, fixed), y, ref, options.temperature)
 
     def mean_loss() -> float:
-        total_loss, count = 0.0, 0
+        total_loss = 0.0
         with torch.no_grad():
             for i in range(0, n, bs):
-                for idx in chunks(np.arange(i, min(i + bs, n))):
-                    x, y, ref = batch(idx)
-                    total_loss += float(loss_of(net(x), y, ref)) * len(idx)
-                    count += len(idx)
-        return total_loss / max(count, 1)
+                idx = np.arange(i, min(i + bs, n))
+                total_loss += float(loss_on(idx)) * len(idx)
+        return total_loss / n
 
     loss_before = mean_loss() if measure_loss else None
     epoch_losses: list[float] = []
@@ -342,31 +333,27 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
             order = torch.randperm(n, generator=gen).numpy()
             running, seen = 0.0, 0
             for k, i in enumerate(range(0, n, bs)):
-                parts = chunks(np.sort(order[i:i + bs]))
-                m = sum(len(c) for c in parts)
-                if m == 0:
-                    continue
+                idx = np.sort(order[i:i + bs])
                 opt.zero_grad(set_to_none=True)
-                value = 0.0
-                for idx in parts:  # gradient accumulation over the model's fixed batch
-                    x, y, ref = batch(idx)
-                    loss = loss_of(net(x), y, ref) * (len(idx) / m)
-                    value += float(loss.detach())
-                    if not math.isfinite(value):
-                        raise OnnxPruneError(f"fine-tuning diverged at epoch {epoch + 1}, step {k + 1} "
-                                             f"(loss {value}); lower --lr")
-                    loss.backward()
+                loss = loss_on(idx)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise OnnxPruneError(f"fine-tuning diverged at epoch {epoch + 1}, step {k + 1} "
+                                         f"(loss {value}); lower --lr")
+                loss.backward()
                 opt.step()
                 sched.step()
                 step += 1
-                running += value * m
-                seen += m
+                running += value * len(idx)
+                seen += len(idx)
                 bar.update(task, advance=1, description=f"fine-tune epoch {epoch + 1}/{options.epochs}",
                            loss=f"loss {running / seen:.4g}")
                 if callback is not None:
                     callback(epoch, k, value)
             epoch_losses.append(running / max(seen, 1))
     seconds = time.perf_counter() - t0
+    if step == 0:  # cannot happen with N >= 1; never report an untrained model as fine-tuned
+        raise OnnxPruneError("fine-tuning took no step")
     loss_after = mean_loss() if measure_loss else None
     for p in params:
         p.requires_grad_(False)
