@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper
 from onnxprune.analysis import analyze
 from onnxprune.data import from_arrays
 from onnxprune.errors import OnnxPruneError
-from onnxprune.recover import activation_means, compensate_bias, recalibrate_bn, removed_sites
+from onnxprune.recover import activation_means, activation_moments, compensate_bias, recalibrate_bn, removed_sites
 from onnxprune.shapes import measure_shapes
 from onnxprune.surgery import apply_plan
 from tiny_models import INPUT_NAME, build_const_channel, build_flatten_gemm
@@ -91,6 +91,29 @@ def test_measured_means_are_the_consumer_input_means():
     np.testing.assert_allclose(means[("fc", 0)], flat.astype(np.float64).mean(axis=0), rtol=1e-6, atol=1e-7)
     assert means[("conv2", 0)][1] == pytest.approx(0.7, rel=1e-6)
     np.testing.assert_allclose(means[("fc", 0)][8:12], 0.5, rtol=1e-6)
+
+
+def test_only_nearly_constant_channels_are_folded_when_spreads_are_given():
+    model = build_const_channel()
+    a, _ = plan_for(model)
+    removed = {a.group("conv1").id: np.array([0, 1])}  # channel 1 is the constant 0.7, channel 0 varies
+    pruned = apply_plan(model, a, removed)
+    x = data(8)
+    sites = removed_sites(model, a, removed)
+    moments = activation_moments(model, sites, from_arrays(x), batch_size=3)
+    m, sd = moments[("conv2", 0)]
+    relu1 = run(model, x, ("relu1_out",))[1].astype(np.float64)
+    np.testing.assert_allclose(sd, relu1.std(axis=(0, 2, 3)), rtol=1e-5, atol=1e-7)
+    assert sd[1] < 1e-6 and sd[0] > 0.1 * abs(m[0]) > 0
+    means = {k: mm for k, (mm, _) in moments.items()}
+    stds = {k: ss for k, (_, ss) in moments.items()}
+    by_cv = compensate_bias(pruned, model, a, removed, means, stds)
+    # the same as folding channel 1 alone (channel 0's mean withheld)
+    only_const = {k: np.where(np.arange(len(v)) == 1, v, 0.0) for k, v in means.items()}
+    want = run(compensate_bias(pruned, model, a, removed, only_const).model, x)[0]
+    np.testing.assert_allclose(run(by_cv.model, x)[0], want, rtol=1e-6, atol=1e-6)
+    every = run(compensate_bias(pruned, model, a, removed, means).model, x)[0]
+    assert np.abs(every - want).max() > 1e-3  # folding channel 0 too would differ
 
 
 def test_compensation_creates_a_missing_conv_bias():

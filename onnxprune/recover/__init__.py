@@ -24,12 +24,13 @@ import onnx
 
 from onnxprune.analysis.groups import Analysis
 from onnxprune.data import CalibrationData
-from onnxprune.recover.bias import BiasCompensation, activation_means, compensate_bias, removed_sites
+from onnxprune.recover.bias import (BiasCompensation, activation_means, activation_moments, compensate_bias,
+                                    removed_sites)
 from onnxprune.recover.bn import BNRecalibration, recalibrate_bn
 from onnxprune.recover.training import FinetuneOptions, FinetuneResult, check_teacher, finetune, trainable_initializers
 
 __all__ = ["BNRecalibration", "BiasCompensation", "FinetuneOptions", "FinetuneResult", "RecoveryResult",
-           "activation_means", "check_teacher", "compensate_bias", "finetune", "recalibrate_bn", "recover",
+           "activation_means", "activation_moments", "check_teacher", "compensate_bias", "finetune", "recalibrate_bn", "recover",
            "removed_sites", "trainable_initializers"]
 
 
@@ -73,8 +74,9 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Analys
     if recalibrate:
         dev = resolve_device(device)
         sites = removed_sites(original, analysis, removed)
-        means = activation_means(original, sites, data, batch_size=batch_size, device=dev)
-        bias = compensate_bias(model, original, analysis, removed, means)
+        moments = activation_moments(original, sites, data, batch_size=batch_size, device=dev)
+        bias = compensate_bias(model, original, analysis, removed, {k: m for k, (m, _) in moments.items()},
+                               {k: sd for k, (_, sd) in moments.items()})
         model = bias.model
         info["bias_compensation"] = bias.to_dict()
         bn = recalibrate_bn(model, data, batch_size=batch_size, device=dev)
