@@ -119,7 +119,7 @@ class Analysis:
         """Total MACs (``kind="macs"``) or params (``"params"``) with elements removed."""
         if removed_elems is None:
             removed_elems = np.zeros(len(self.elem_group), dtype=bool)
-        total = sum(_term_value(t, removed_elems) for t in self.costs if t.kind == kind)
+        total = sum(term_value(t, removed_elems) for t in self.costs if t.kind == kind)
         if kind == "params":
             total += self.fixed_params
         return int(round(total))
@@ -130,7 +130,7 @@ class Analysis:
         out: dict[str, float] = {}
         for t in self.costs:
             if t.kind == kind:
-                out[t.node] = out.get(t.node, 0.0) + _term_value(t, none)
+                out[t.node] = out.get(t.node, 0.0) + term_value(t, none)
         return out
 
     def freed(self, kind: str) -> list[np.ndarray]:
@@ -151,7 +151,8 @@ class Analysis:
         return [out[offsets[i]:offsets[i + 1]] for i in range(len(self.groups))]
 
 
-def _term_value(t: CostTerm, removed: np.ndarray) -> float:
+def term_value(t: CostTerm, removed: np.ndarray) -> float:
+    """Value of one bilinear cost term (MACs or params) with ``removed`` (bool per element) gone."""
     def kept(e):
         return None if e is None else (~removed[e]).reshape(t.blocks, -1).sum(axis=1)
 

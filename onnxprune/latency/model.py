@@ -28,24 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxprune.analysis.groups import Analysis
+from onnxprune.analysis.groups import Analysis, term_value
 
 __all__ = ["LatencyModel"]
-
-
-def _kept(t, removed: np.ndarray) -> float:
-    """Value of one bilinear cost term with ``removed`` (bool per element) gone."""
-    def k(e):
-        return None if e is None else (~removed[e]).reshape(t.blocks, -1).sum(axis=1)
-
-    ko, ki = k(t.out), k(t.inp)
-    if ko is None and ki is None:
-        return t.coef
-    if ko is None:
-        return t.coef * float(ki.sum())
-    if ki is None:
-        return t.coef * float(ko.sum())
-    return t.coef * float((ko * ki).sum())
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,8 +87,8 @@ class LatencyModel:
         total = self.fixed_ms
         for node, ms in self.node_ms.items():
             if node in self.terms:
-                before = sum(_kept(t, none) for t in self.terms[node])
-                total += ms * (sum(_kept(t, mask) for t in self.terms[node]) / before if before > 0 else 1.0)
+                before = sum(term_value(t, none) for t in self.terms[node])
+                total += ms * (sum(term_value(t, mask) for t in self.terms[node]) / before if before > 0 else 1.0)
             else:
                 elems = self.outputs[node]
                 total += ms * float((~mask[elems]).sum()) / len(elems)
@@ -118,7 +103,7 @@ class LatencyModel:
         none = np.zeros(len(a.elem_group), dtype=bool)
         for node, ms in self.node_ms.items():
             if node in self.terms:
-                before = sum(_kept(t, none) for t in self.terms[node])
+                before = sum(term_value(t, none) for t in self.terms[node])
                 if before <= 0:
                     continue
                 w = ms / before
