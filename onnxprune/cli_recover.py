@@ -19,21 +19,9 @@ from rich.table import Table
 from onnxprune.batching import declared_input_shape
 from onnxprune.cli_options import (data_options, finetune_from, finetune_options, input_shape_option, input_shapes,
                                    load_data, user_errors)
-from onnxprune.errors import OnnxPruneError, OutputPathError
+from onnxprune.errors import OnnxPruneError
 
 _NEEDS_DATA = "a .npz with x [and y], a .npy, or a folder of images"
-
-
-def _check_output(out: Path, *models) -> None:
-    """Before any work: ``out`` is no input model, no directory, and its folder exists."""
-    for m in models:
-        if m is not None and Path(m).expanduser().resolve() == out.expanduser().resolve():
-            raise OutputPathError(f"{out}: output path is an input model ({m}); refusing to overwrite it")
-    if out.is_dir():
-        raise OutputPathError(f"{out}: output path is a directory")
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputPathError(f"{out}: folder {folder} does not exist")
 
 
 @click.command("eval")
@@ -93,14 +81,14 @@ def finetune_command(model, teacher, output, data_path, image_size, mean, std, s
     from onnxprune.canonicalize import canonicalize
     from onnxprune.executor.device import resolve_device
     from onnxprune.inputs import resolve_input_shapes
-    from onnxprune.io import check_side_output, load_model, save_model, write_text_atomic
+    from onnxprune.io import check_model_output, check_side_output, load_model, save_model, write_text_atomic
     from onnxprune.recover import check_teacher, finetune, recalibrate_bn as recal
     from onnxprune.verify import verify
 
     if data_path is None:
         raise OnnxPruneError(f"finetune needs --data ({_NEEDS_DATA})")
     out = Path(output) if output is not None else Path(model).with_name(f"{Path(model).stem}.finetuned.onnx")
-    _check_output(out, model, teacher)
+    check_model_output(out, [model, teacher])
     if report_path:
         check_side_output(report_path, models=[model, teacher, out])
     options = finetune_from(ft, batch_size=batch_size, loss=loss, device=device, seed=seed, progress=True)

@@ -176,14 +176,8 @@ def save_model(
         OutputPathError: ``path`` is the same file as ``input_path``, is a directory,
             its folder does not exist, or it cannot be written.
     """
-    out = Path(path).expanduser()
-    if input_path is not None and _same_file(out, Path(input_path).expanduser()):
-        raise OutputPathError(f"{out}: output path is the input model; refusing to overwrite it")
-    if out.is_dir():
-        raise OutputPathError(f"{out}: output path is a directory")
+    out = check_model_output(path, [input_path], clash="output path is the input model; refusing to overwrite it")
     folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputPathError(f"{out}: folder {folder} does not exist")
     out = folder.resolve() / out.name
 
     try:
@@ -262,12 +256,31 @@ def check_side_output(path: str | os.PathLike, *, models: list[str | os.PathLike
         OutputPathError: ``path`` is one of ``models``, is a directory, or its folder does
             not exist.
     """
+    return check_model_output(path, models, clash="a report/plan path must differ from the input and output model",
+                              directory="is a directory")
+
+
+def check_model_output(path: str | os.PathLike, inputs, *, clash: str | None = None,
+                       directory: str = "output path is a directory") -> Path:
+    """Check, before any work, that ``path`` may be written: it is none of ``inputs``, no
+    directory, and its folder exists. Returns ``path`` (user-expanded).
+
+    Args:
+        path: the output.
+        inputs: paths (or None) it must not be (the input models).
+        clash / directory: the message after ``"<path>: "`` for each refusal (default
+            wording names the clashing input).
+
+    Raises:
+        OutputPathError: ``path`` is one of ``inputs``, is a directory, or its folder does
+            not exist.
+    """
     p = Path(path).expanduser()
-    for m in models:
-        if m is not None and (_same_file(p, Path(m).expanduser())):
-            raise OutputPathError(f"{p}: a report/plan path must differ from the input and output model")
+    for m in inputs:
+        if m is not None and _same_file(p, Path(m).expanduser()):
+            raise OutputPathError(f"{p}: " + (clash or f"output path is an input model ({m}); refusing to overwrite it"))
     if p.is_dir():
-        raise OutputPathError(f"{p}: is a directory")
+        raise OutputPathError(f"{p}: {directory}")
     folder = p.parent if str(p.parent) else Path(".")
     if not folder.is_dir():
         raise OutputPathError(f"{p}: folder {folder} does not exist")
