@@ -12,7 +12,7 @@ Each stage is usable alone; the CLI (``onnxprune``) is a thin wrapper over them
 __version__ = "0.1.0"
 
 from onnxprune.analysis import Analysis, ChannelGroup, analyze
-from onnxprune.bench import LatencyStats, measure_latency
+from onnxprune.runtime.latency import LatencyStats, measure_latency
 from onnxprune.criteria import get_criterion
 from onnxprune.errors import OnnxPruneError
 from onnxprune.io import load_model, save_model

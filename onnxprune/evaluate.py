@@ -15,7 +15,7 @@ Rules :func:`evaluate` follows:
   the data has labels and that output is [N, classes].
 - Against a reference (the original model), per output both models have (by name):
   ``max_abs_error`` = max |out - ref|, ``max_rel_error`` = max |out - ref| / max |ref|
-  (the definitions of :class:`onnxprune.verify.OutputFidelity`), ``rel_l2_error`` =
+  (the definitions of :class:`onnxprune.runtime.verify.OutputFidelity`), ``rel_l2_error`` =
   ||out - ref|| / ||ref||, ``cosine`` of the flattened outputs over all samples, and for
   [N, classes] outputs ``top1_agreement``: the fraction of samples whose argmax agree.
   Accumulated in float64 over batches, so memory is bounded by the batch.
@@ -36,7 +36,7 @@ import onnxruntime as ort
 from onnxprune.data import CalibrationData
 from onnxprune.batching import batch_dim, require_one_input, run_in_fixed_batches
 from onnxprune.errors import OnnxPruneError
-from onnxprune.verify import make_session, model_source
+from onnxprune.runtime.verify import make_session, model_source
 
 __all__ = ["EvalResult", "OutputMetrics", "evaluate"]
 
@@ -144,7 +144,7 @@ class _Runner:
         self.label = label
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        from onnxprune.verify import _run_session  # one error path for ORT failures
+        from onnxprune.runtime.verify import _run_session  # one error path for ORT failures
 
         x = x.astype(self.dtype, copy=False)
 

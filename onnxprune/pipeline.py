@@ -16,21 +16,21 @@ import numpy as np
 import onnx
 
 from onnxprune.analysis import Analysis, analyze
-from onnxprune.bench import measure_latency
+from onnxprune.runtime.latency import measure_latency
 from onnxprune.canonicalize import canonicalize
 from onnxprune.criteria import get_criterion
 from onnxprune.data import CalibrationData
 from onnxprune.errors import OnnxPruneError, OutputPathError, PlanError
 from onnxprune.inputs import resolve_input_shapes
 from onnxprune.io import default_output_path, load_model, save_model
-from onnxprune.latency.search import search_latency
-from onnxprune.latency.sweep import channel_sweep
+from onnxprune.runtime.latency_search import search_latency
+from onnxprune.runtime.sweep import channel_sweep
 from onnxprune.planning import ROUND_TO_AUTO, PlanOptions, PruningPlan, Target, TargetKind, make_plan
 from onnxprune.recover.training import FinetuneOptions
 from onnxprune.report import CompressReport, GroupRow
 from onnxprune.shapes import measure_shapes
 from onnxprune.surgery import apply_plan
-from onnxprune.verify import VerifyResult, verify
+from onnxprune.runtime.verify import VerifyResult, verify
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from onnxprune.bench import LatencyStats, speedup
+from onnxprune.runtime.latency import LatencyStats, speedup
 
 __all__ = ["CompressReport", "GroupRow", "format_count"]
 

@@ -1,4 +1,4 @@
-"""Tests of onnxprune.bench. Wall-clock values are never asserted, only their consistency."""
+"""Tests of onnxprune.runtime.latency. Wall-clock values are never asserted, only their consistency."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.bench import LatencyStats, measure_latency, speedup
+from onnxprune.runtime.latency import LatencyStats, measure_latency, speedup
 from onnxprune.errors import ModelLoadError, OnnxPruneError
 
 

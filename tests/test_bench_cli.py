@@ -10,10 +10,10 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from onnxprune.bench import available_providers, batch_shapes, measure_latency, resolve_provider
-from onnxprune.benchmark import bench_models
+from onnxprune.runtime.latency import available_providers, batch_shapes, measure_latency, resolve_provider
+from onnxprune.runtime.bench import bench_models
 from onnxprune.cli import main
-from onnxprune.cli_bench import parse_batches, parse_round_to
+from onnxprune.cli.bench import parse_batches, parse_round_to
 from onnxprune.errors import InputShapeError, OnnxPruneError
 from test_bench import classifier  # symbolic batch dim "N"
 from tiny_models import ALL_BUILDERS  # fixed batch dim 1
@@ -179,7 +179,7 @@ def test_compress_cli_bad_latency_options(models):
 def test_not_faster_warning_names_the_provider(monkeypatch, models):
     """A pruned model measured no faster than the original is warned about in the report."""
     import onnxprune.pipeline as pipeline
-    from onnxprune.bench import LatencyStats
+    from onnxprune.runtime.latency import LatencyStats
 
     def same(model, shapes, **kw):
         return LatencyStats(1.0, 1.0, 1.0, 1.0, 1, kw["providers"][0], None, 1)

@@ -9,14 +9,14 @@ import functools
 import numpy as np
 import pytest
 
-import onnxprune.latency.search as search_mod
+import onnxprune.runtime.latency_search as search_mod
 from onnxprune.analysis import analyze
-from onnxprune.bench import LatencyStats
+from onnxprune.runtime.latency import LatencyStats
 from onnxprune.criteria import get_criterion
 from onnxprune.errors import PlanError
-from onnxprune.latency.model import LatencyModel
-from onnxprune.latency.profile import NodeProfile, map_kernel, profile_nodes
-from onnxprune.latency.search import LatencyRound, next_goal, search_latency
+from onnxprune.runtime.latency_model import LatencyModel
+from onnxprune.runtime.profile import NodeProfile, map_kernel, profile_nodes
+from onnxprune.runtime.latency_search import LatencyRound, next_goal, search_latency
 from onnxprune.pipeline import count_model, weights_of
 from onnxprune.planning import PlanOptions, PruningPlan, Target, TargetKind, make_plan
 from onnxprune.shapes import measure_shapes

@@ -11,7 +11,7 @@ import pytest
 
 from onnxprune.analysis import analyze
 from onnxprune.errors import PlanError
-from onnxprune.latency.sweep import (Activation, ConvChain, ConvShape, StepTable, alignment_gain, chain_model,
+from onnxprune.runtime.sweep import (Activation, ConvChain, ConvShape, StepTable, alignment_gain, chain_model,
                                      channel_sweep, choose_round_to, conv_chains, conv_model, conv_shapes, sweep_chain,
                                      sweep_points)
 from onnxprune.planning import ROUND_TO_AUTO, PlanOptions, Target, TargetKind, make_plan

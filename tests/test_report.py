@@ -10,10 +10,10 @@ import os
 import pytest
 from rich.console import Console
 
-from onnxprune.bench import LatencyStats
+from onnxprune.runtime.latency import LatencyStats
 from onnxprune.errors import OutputPathError
 from onnxprune.report import CompressReport, GroupRow, format_count
-from onnxprune.verify import OutputFidelity, VerifyResult
+from onnxprune.runtime.verify import OutputFidelity, VerifyResult
 
 
 def stats(median: float, threads: int | None = 4) -> LatencyStats:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import onnx
 
-from onnxprune.bench import batch_shapes, measure_latency
+from onnxprune.runtime.latency import batch_shapes, measure_latency
 from onnxprune.errors import InputShapeError
 from onnxprune.pipeline import CompressOptions, compress
 from onnxprune.planning import ROUND_TO_AUTO, PlanOptions, Target, TargetKind

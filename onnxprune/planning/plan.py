@@ -70,7 +70,7 @@ class PlanOptions:
         round_to: kept channel counts are multiples of this (hardware alignment); groups
             smaller than it are left whole. :data:`ROUND_TO_AUTO` (``"auto"``) asks for
             a measured choice, which must be resolved to an int
-            (:func:`onnxprune.latency.sweep.channel_sweep`) before planning.
+            (:func:`onnxprune.runtime.sweep.channel_sweep`) before planning.
         max_layer_ratio: at most this fraction of any group's channels is removed.
         min_channels: every group keeps at least this many channels (at least 1).
         exclude: fnmatch patterns of node names; groups with a member node matching

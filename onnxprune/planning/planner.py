@@ -16,12 +16,12 @@ Rules, in order:
    exact predicted count; when even the largest removal misses the target, the plan
    keeps that largest removal and records the reachable fraction and a warning.
 5. Latency targets need a latency model (:class:`LatencyPredictor`, e.g.
-   :class:`onnxprune.latency.model.LatencyModel`): channels are ranked by normalised
+   :class:`onnxprune.runtime.latency_model.LatencyModel`): channels are ranked by normalised
    score divided by the latency their removal alone saves (``saved_ms``; a channel that
    saves nothing ranks last), within a group too, and k is bisected on the predicted
    latency fraction ``predict_ms(removed) / total_ms`` against ``latency_goal``
    (default: the target's value). Whether the *measured* latency meets the target is
-   the caller's business (:mod:`onnxprune.latency.search`).
+   the caller's business (:mod:`onnxprune.runtime.latency_search`).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def make_plan(analysis: Analysis, scores: Mapping[int, np.ndarray | None], targe
     """
     if options.round_to == ROUND_TO_AUTO:
         raise PlanError("round_to 'auto' must be resolved by a channel sweep before planning "
-                        "(onnxprune.latency.sweep.channel_sweep)")
+                        "(onnxprune.runtime.sweep.channel_sweep)")
     by_latency = target.kind is TargetKind.LATENCY
     if by_latency and latency is None:
         raise PlanError("a latency target needs a latency model (measured with onnxruntime)")

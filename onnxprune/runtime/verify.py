@@ -9,7 +9,7 @@ Rules this stage follows, in this order:
 2. Both models must load into onnxruntime and run on the same random inputs
    (:func:`onnxprune.inputs.make_inputs`, seeded). Failures name the node when
    onnxruntime does. Sessions run the graph as written (graph optimisations off) so
-   that errors name the model's own nodes; :mod:`onnxprune.bench` measures with full
+   that errors name the model's own nodes; :mod:`onnxprune.runtime.latency` measures with full
    optimisation.
 3. The pruned model's graph inputs and outputs must carry the same names as the
    original's, and every output the same dtype and shape.

@@ -267,7 +267,7 @@ def sweep_shape(shape: ConvShape, axis: str, *, window: int = 96, provider: str 
         ValueError: an unknown axis or a window below 1.
         OnnxPruneError: the provider is not available or a run fails.
     """
-    from onnxprune.bench import measure_latency
+    from onnxprune.runtime.latency import measure_latency
 
     if axis not in ("out", "in", "depthwise"):
         raise ValueError(f"unknown sweep axis {axis!r}")
@@ -561,7 +561,7 @@ def _time_interleaved(build: Callable[[int], onnx.ModelProto], n: int, x_shape: 
     import onnxruntime as ort
 
     from onnxprune.errors import OnnxPruneError
-    from onnxprune.verify import ort_message
+    from onnxprune.runtime.verify import ort_message
 
     if repeat < 1 or warmup < 0:
         raise OnnxPruneError(f"sweep repeat must be >= 1 and warmup >= 0, got {repeat} and {warmup}")
@@ -592,7 +592,7 @@ def _time_chunk(models: Sequence[onnx.ModelProto], best: np.ndarray, feeds: Mapp
     import time
 
     from onnxprune.errors import OnnxPruneError
-    from onnxprune.verify import make_session
+    from onnxprune.runtime.verify import make_session
 
     sessions = []
     for m in models:

@@ -38,7 +38,7 @@ import onnxruntime as ort
 
 from onnxprune.errors import InputShapeError, ModelLoadError, OnnxPruneError
 from onnxprune.inputs import graph_inputs, make_inputs, resolve_input_shapes
-from onnxprune.verify import Provider, ort_message, check_providers, make_session, model_source
+from onnxprune.runtime.verify import Provider, ort_message, check_providers, make_session, model_source
 
 __all__ = ["PROVIDER_NAMES", "LatencyStats", "available_providers", "batch_shapes", "measure_latency",
            "resolve_provider", "speedup"]

@@ -2,9 +2,9 @@
 
 Rules :func:`search_latency` follows:
 
-1. The original model is measured once (:func:`onnxprune.bench.measure_latency`); its
-   canonical form is profiled once (:func:`onnxprune.latency.profile.profile_nodes`) and
-   turned into a :class:`~onnxprune.latency.model.LatencyModel`.
+1. The original model is measured once (:func:`onnxprune.runtime.latency.measure_latency`); its
+   canonical form is profiled once (:func:`onnxprune.runtime.profile.profile_nodes`) and
+   turned into a :class:`~onnxprune.runtime.latency_model.LatencyModel`.
 2. Round r plans with the model to a predicted latency fraction ``goal_r``
    (``goal_1`` = the target T), applies the plan and measures the pruned model: the
    measured fraction ``m_r = median(pruned) / median(original)``.
@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxprune.bench import LatencyStats, measure_latency
-from onnxprune.latency.model import LatencyModel
-from onnxprune.latency.profile import profile_nodes
+from onnxprune.runtime.latency import LatencyStats, measure_latency
+from onnxprune.runtime.latency_model import LatencyModel
+from onnxprune.runtime.profile import profile_nodes
 from onnxprune.planning import PlanOptions, PruningPlan, Target, TargetKind, make_plan
 
 __all__ = ["LatencyRound", "LatencySearch", "next_goal", "search_latency"]

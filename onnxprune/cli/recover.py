@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from onnxprune.batching import declared_input_shape
-from onnxprune.cli_options import (data_options, finetune_from, finetune_options, input_shape_option, input_shapes,
+from onnxprune.cli.options import (data_options, finetune_from, finetune_options, input_shape_option, input_shapes,
                                    load_data, user_errors)
 from onnxprune.errors import OnnxPruneError
 
@@ -83,7 +83,7 @@ def finetune_command(model, teacher, output, data_path, image_size, mean, std, s
     from onnxprune.inputs import resolve_input_shapes
     from onnxprune.io import check_model_output, check_side_output, load_model, save_model, write_text_atomic
     from onnxprune.recover import check_teacher, finetune, recalibrate_bn as recal
-    from onnxprune.verify import verify
+    from onnxprune.runtime.verify import verify
 
     if data_path is None:
         raise OnnxPruneError(f"finetune needs --data ({_NEEDS_DATA})")

@@ -17,7 +17,7 @@ Rules for ``f_n`` (1 with nothing removed):
 Each node keeps its *measured* share of the latency, so layers that are slow for their
 MACs (depthwise, memory-bound, misaligned) weigh more than their MACs. What the model
 cannot see (kernel choice changing with channel count, fusions) the search corrects by
-measuring (:mod:`onnxprune.latency.search`).
+measuring (:mod:`onnxprune.runtime.latency_search`).
 """
 
 from __future__ import annotations

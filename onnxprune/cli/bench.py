@@ -65,8 +65,8 @@ def checked_provider(name: str) -> str:
     Raises:
         OnnxPruneError: unknown or unavailable provider (the message lists the available ones).
     """
-    from onnxprune.bench import resolve_provider
-    from onnxprune.verify import check_providers
+    from onnxprune.runtime.latency import resolve_provider
+    from onnxprune.runtime.verify import check_providers
 
     full = resolve_provider(name)
     check_providers((full,))
@@ -74,8 +74,8 @@ def checked_provider(name: str) -> str:
 
 
 def _providers(names: tuple[str, ...], err: Console) -> tuple[list[str], list[str]]:
-    from onnxprune.bench import available_providers, resolve_provider
-    from onnxprune.verify import check_providers
+    from onnxprune.runtime.latency import available_providers, resolve_provider
+    from onnxprune.runtime.verify import check_providers
 
     if names:
         full = list(dict.fromkeys(resolve_provider(n) for n in names))
@@ -115,7 +115,7 @@ def bench(models, providers, batches, threads, warmup, repeat, input_shape, repo
           sweep_window, verbose):
     """Measure onnxruntime latency (median, p90) and peak memory of MODELS; the speedup of each
     model is against the first."""
-    from onnxprune.cli_options import input_shapes, user_errors
+    from onnxprune.cli.options import input_shapes, user_errors
     from onnxprune.io import check_side_output
 
     @user_errors
@@ -143,7 +143,7 @@ def bench(models, providers, batches, threads, warmup, repeat, input_shape, repo
 
 
 def _bench(models, provs, sizes, threads, warmup, repeat, shapes, skipped, out: Console, err: Console) -> dict:
-    from onnxprune.benchmark import bench_models
+    from onnxprune.runtime.bench import bench_models
 
     total = len(models) * len(provs) * len(sizes) * (max(warmup, 1) + repeat)
     with _progress(err) as progress:
@@ -168,7 +168,7 @@ def _bench(models, provs, sizes, threads, warmup, repeat, shapes, skipped, out: 
 
 
 def _sweep(models, provs, shapes, threads, top, window, verbose, out: Console, err: Console) -> dict:
-    from onnxprune.latency.sweep import channel_sweep, sweep_points
+    from onnxprune.runtime.sweep import channel_sweep, sweep_points
     from onnxprune.pipeline import prepare
 
     if top < 1 or window < 1:

@@ -1,7 +1,7 @@
 """Click options shared by several commands (compress, eval, finetune).
 
-Kept apart from :mod:`onnxprune.cli` so that command modules (:mod:`onnxprune.cli_bench`,
-:mod:`onnxprune.cli_recover`) and ``cli.py`` all import them without an import cycle.
+Kept apart from :mod:`onnxprune.cli` so that command modules (:mod:`onnxprune.cli.bench`,
+:mod:`onnxprune.cli.recover`) and ``cli.py`` all import them without an import cycle.
 
 - :func:`user_errors`: an OnnxPruneError becomes ``error: <message>`` on stderr, exit 2.
 - :data:`input_shape_option` / :func:`input_shapes`: ``--input-shape NAME:D0,D1,...``.

@@ -1,22 +1,15 @@
-"""Command line: ``onnxprune compress`` and ``onnxprune analyze`` (a thin click wrapper).
-
-Every user error (:class:`~onnxprune.errors.OnnxPruneError`) prints one line,
-``error: <message>``, on stderr and exits with code 2, like click's own usage errors.
-"""
+"""``onnxprune compress``: prune a model and write it, with a report (a thin wrapper over
+:func:`onnxprune.pipeline.compress`)."""
 
 from __future__ import annotations
 
-import json
-
 import click
 from rich.console import Console
-from rich.table import Table
 
-from onnxprune.cli_options import (data_options, finetune_from, finetune_options, input_shape_option, input_shapes,
+from onnxprune.cli.options import (data_options, finetune_from, finetune_options, input_shape_option, input_shapes,
                                    load_data, user_errors)
 from onnxprune.errors import OnnxPruneError
 from onnxprune.planning import PlanOptions, Scope, Target, TargetKind
-from onnxprune.report import format_count
 
 
 def _criterion_args(criterion: str, cpmc_a: float, cpmc_b: float, loss: str, ensemble: int = 4) -> dict:
@@ -30,13 +23,7 @@ def _criterion_args(criterion: str, cpmc_a: float, cpmc_b: float, loss: str, ens
     return {}
 
 
-@click.group()
-@click.version_option(package_name="onnxprune")
-def main() -> None:
-    """onnxprune: remove the weakest channels of a CNN stored as ONNX."""
-
-
-@main.command()
+@click.command("compress")
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", type=click.Path(), default=None,
               help="Output model (default: <name>.pruned.onnx beside the input).")
@@ -94,7 +81,7 @@ def compress(model, output, criterion, ratio, target_macs, target_params, scope,
     if plan_out:
         check_side_output(plan_out, models=[model, out_model])
 
-    from onnxprune.cli_bench import checked_provider, parse_round_to
+    from onnxprune.cli.bench import checked_provider, parse_round_to
 
     given = [(k, v) for k, v in ((TargetKind.RATIO, ratio), (TargetKind.MACS, target_macs),
                                   (TargetKind.PARAMS, target_params), (TargetKind.LATENCY, target_latency))
@@ -123,66 +110,3 @@ def compress(model, output, criterion, ratio, target_macs, target_params, scope,
         from onnxprune.io import write_text_atomic
 
         write_text_atomic(plan_out, res.plan.to_json())
-
-
-@main.command()
-@click.argument("model", type=click.Path(dir_okay=True))
-@input_shape_option
-@click.option("--json", "json_path", type=click.Path(), default=None, help="Write the analysis as JSON.")
-@click.option("-v", "--verbose", is_flag=True, help="List every group, prunable ones included.")
-@user_errors
-def analyze(model, input_shape, json_path, verbose):
-    """List MODEL's channel groups, blocked groups and why, and MACs/params per layer."""
-    from onnxprune.io import check_side_output
-    from onnxprune.pipeline import prepare
-
-    if json_path:
-        check_side_output(json_path, models=[model])
-    prep = prepare(model, input_shapes(input_shape))
-    a = prep.analysis
-    console = Console()
-    macs, params = a.count("macs"), a.count("params")
-    prunable = [g for g in a.groups if g.prunable]
-    blocked = [g for g in a.groups if g.blocked_reason]
-    console.print(f"[bold]{model}[/]: {format_count(macs, 'MACs')}, {format_count(params)} params, "
-                  f"{len(a.groups)} channel groups: {len(prunable)} prunable "
-                  f"({sum(g.size for g in prunable)} channels), {len(blocked)} blocked")
-    t = Table(title="Channel groups" if verbose else "Blocked channel groups")
-    for col in ("group", "op", "channels", "members", "status"):
-        t.add_column(col)
-    for g in a.groups:
-        if verbose or g.blocked_reason:
-            t.add_row(g.name, g.op, str(g.size), str(len(g.members)),
-                      "prunable" if g.prunable else (g.blocked_reason or "too small"))
-    console.print(t)
-    by_macs, by_params = a.count_by_node("macs"), a.count_by_node("params")
-    per_node = {n: (by_macs.get(n, 0.0), by_params.get(n, 0.0)) for n in {**by_macs, **by_params}}
-    lt = Table(title="MACs and params per layer")
-    for col in ("node", "MACs", "share", "params"):
-        lt.add_column(col, justify="right" if col != "node" else "left")
-    for node, (m, p) in sorted(per_node.items(), key=lambda kv: -kv[1][0])[: None if verbose else 15]:
-        lt.add_row(node, format_count(m), f"{100 * m / max(macs, 1):.1f}%", format_count(p))
-    console.print(lt)
-    if json_path:
-        from onnxprune.io import write_text_atomic
-
-        write_text_atomic(json_path, json.dumps({
-            "model": str(model), "macs": macs, "params": params,
-            "input_shapes": {k: list(v) for k, v in prep.input_shapes.items()},
-            "groups": [{"name": g.name, "op": g.op, "size": g.size, "prunable": g.prunable,
-                        "blocked_reason": g.blocked_reason, "blocks": g.blocks,
-                        "members": [{"tensor": m.tensor, "node": m.node, "axis": m.axis, "role": m.role.value}
-                                    for m in g.members]} for g in a.groups],
-            "layers": [{"node": n, "macs": v[0], "params": v[1]} for n, v in per_node.items()],
-        }, indent=1))
-
-
-from onnxprune.cli_bench import bench  # noqa: E402  (after main exists: the commands are added to it)
-from onnxprune.cli_recover import eval_command, finetune_command  # noqa: E402
-
-main.add_command(bench)
-main.add_command(eval_command)
-main.add_command(finetune_command)
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -34,7 +34,7 @@ import onnxruntime as ort
 
 from onnxprune.errors import OnnxPruneError
 from onnxprune.inputs import make_inputs
-from onnxprune.verify import make_session, model_source, ort_message
+from onnxprune.runtime.verify import make_session, model_source, ort_message
 
 __all__ = ["NodeProfile", "map_kernel", "profile_nodes"]
 

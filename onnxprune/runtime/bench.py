@@ -2,9 +2,9 @@
 
 Rules :func:`bench_models` follows:
 
-- every (model, provider, batch) cell is one :func:`onnxprune.bench.measure_latency` call
+- every (model, provider, batch) cell is one :func:`onnxprune.runtime.latency.measure_latency` call
   with ``memory=True``, in the order models x providers x batches;
-- input shapes come from :func:`onnxprune.bench.batch_shapes`: a symbolic batch dim gets
+- input shapes come from :func:`onnxprune.runtime.latency.batch_shapes`: a symbolic batch dim gets
   the batch size, a fixed batch dim of another size is an :class:`InputShapeError`
   naming the model and input (checked for every model before anything is timed);
 - the speedup of a cell is the first model's median latency on the same provider and
@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from onnxprune.bench import LatencyStats, _load_header, batch_shapes, measure_latency, speedup
+from onnxprune.runtime.latency import LatencyStats, _load_header, batch_shapes, measure_latency, speedup
 
 __all__ = ["BenchCell", "BenchResult", "bench_models"]
 
@@ -81,9 +81,9 @@ def bench_models(models: Sequence[str | os.PathLike], providers: Sequence[str], 
 
     Args:
         models: ONNX files; the first is the reference for speedups.
-        providers: onnxruntime provider names (see :func:`onnxprune.bench.resolve_provider`).
+        providers: onnxruntime provider names (see :func:`onnxprune.runtime.latency.resolve_provider`).
         batches: batch sizes (each >= 1).
-        warmup / repeat / threads / seed: as in :func:`onnxprune.bench.measure_latency`.
+        warmup / repeat / threads / seed: as in :func:`onnxprune.runtime.latency.measure_latency`.
         input_shapes: shape overrides applied to every model (dim 0 is replaced by the batch).
         skipped: messages about providers left out, carried into the result.
         on_run: called after every onnxruntime run (progress bars).
