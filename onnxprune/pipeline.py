@@ -1,6 +1,7 @@
-"""The compress pipeline: load -> canonicalize -> analyze -> score -> plan -> apply ->
-verify -> bench -> report -> save. Each stage is a function of the public API; this
-module only chains them, times them and collects the report."""
+"""The compress pipeline: load -> canonicalize -> analyze -> [held-out split] -> steps
+(score -> plan -> apply -> recover -> measure, :mod:`onnxprune.schedule`) -> verify ->
+bench -> report -> save. Each stage is a function of the public API; this module only
+chains them, applies the accuracy guard, times them and collects the report."""
 
 from __future__ import annotations
 
@@ -21,16 +22,17 @@ from onnxprune.canonicalize import canonicalize
 from onnxprune.criteria import get_criterion
 from onnxprune.data import CalibrationData
 from onnxprune.errors import OnnxPruneError, OutputPathError, PlanError
+from onnxprune.holdout import HeldOutMetric, Split, split_holdout
 from onnxprune.inputs import resolve_input_shapes
 from onnxprune.io import default_output_path, load_model, save_model
 from onnxprune.runtime.latency_search import search_latency
-from onnxprune.runtime.sweep import channel_sweep
-from onnxprune.planning import ROUND_TO_AUTO, PlanOptions, PruningPlan, Target, TargetKind, make_plan
+from onnxprune.planning import ROUND_TO_AUTO, PlanOptions, PruningPlan, Target, TargetKind
 from onnxprune.recover.training import FinetuneOptions
 from onnxprune.report import CompressReport, GroupRow
 from onnxprune.shapes import measure_shapes
-from onnxprune.surgery import apply_plan
 from onnxprune.runtime.verify import VerifyResult, verify
+from onnxprune.schedule import (Milestone, State, StepRecord, StepSetup, auto_steps, guard_milestones, initial_state,
+                                milestones, plan_of_original, run_step)
 
 
 @dataclass(frozen=True)
@@ -58,31 +60,49 @@ class Prepared:
 class CompressOptions:
     """Options of :func:`compress`.
 
+    The Python defaults are the plain one-shot cut (one step, no recovery, ``round_to``
+    1); the command line turns on what a user expects by default (with ``--data``:
+    progressive steps, recovery, ifso; ``--round-to auto`` and the never-slower rule).
+
     Attributes:
-        criterion: a data-free criterion name (``l1``, ``l2``, ``bn``, ``cpmc``, ``random``).
-        target: what to reach (default: keep 70% of the MACs).
+        criterion: a criterion name (``l1``, ``l2``, ``bn``, ``cpmc``, ``random``; with
+            ``data`` also ``taylor``, ``infcp``, ``ifso``).
+        target: what to reach (default: keep 70% of the MACs); None with ``max_drop``
+            alone: compress as far as the accuracy guard allows.
         plan: planner options (scope, round_to, caps, exclusions).
         input_shapes: overrides of graph input shapes (symbolic dims default to batch 1
             and 224 elsewhere).
-        seed: seed of random inputs and of the ``random`` criterion.
+        seed: seed of random inputs, data draws and the ``random`` criterion.
         criterion_args: extra keyword arguments of the criterion (e.g. ``{"a": 0.5}`` for cpmc).
         strict_target: fail with PlanError instead of stopping at the reachable figure.
-        bench: measure onnxruntime CPU latency before and after.
+        bench: measure onnxruntime latency of the original and of every step's cut.
         bench_warmup / bench_repeat / threads: latency measurement settings.
         provider: onnxruntime execution provider of the latency measurements, the channel
             sweep (``plan.round_to == "auto"``) and latency targets.
-        data: calibration data, required by data-driven criteria (``taylor``, ...).
-        samples: use at most this many calibration samples (seeded draw); None = all.
+        data: calibration data (required by data-driven criteria and recovery).
+        samples: scoring uses at most this many training samples (seeded draw); None = all.
+        train_samples: recovery uses at most this many training samples; None = all.
+        val_split: share of ``data`` held out for validation (0 = none); made before
+            anything else sees the data (:func:`onnxprune.holdout.split_holdout`).
+        val_data: a held-out set of its own instead of ``val_split``.
+        max_drop: accuracy guard: the returned model's held-out figure is at most this
+            many points below the original's (needs data).
+        steps: number of progressive steps (:mod:`onnxprune.schedule`), or ``"auto"``.
         batch_size: calibration batch size (bounds the torch side's memory).
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]`` for the torch side.
-        recalibrate_bn: after surgery, bias compensation of the removed channels and BN
-            statistics re-estimated on ``data`` (:mod:`onnxprune.recover`).
-        finetune: after surgery (and re-calibration), fine-tune on ``data`` with these
-            options, the original model as teacher; None = no fine-tuning.
+        recalibrate_bn: after every cut, bias compensation of the removed channels and BN
+            statistics re-estimated on the training data (:mod:`onnxprune.recover`).
+        finetune: after every cut (and re-calibration), distil from the original model
+            with these options (``epochs`` per step); None = no fine-tuning.
+        auto_epochs: choose ``finetune.epochs`` per step from the training set size
+            (:func:`auto_epochs`).
+        never_slower: re-plan a cut that is not faster than the original with coarser
+            round_to (rule 3 of :mod:`onnxprune.schedule`; needs ``bench``).
+        use_cache: reuse cached ``round_to auto`` sweeps (:mod:`onnxprune.runtime.sweep_cache`).
     """
 
     criterion: str = "l1"
-    target: Target = Target(TargetKind.MACS, 0.7)
+    target: Target | None = Target(TargetKind.MACS, 0.7)
     plan: PlanOptions = PlanOptions()
     input_shapes: Mapping[str, tuple[int, ...]] | None = None
     seed: int = 0
@@ -94,11 +114,19 @@ class CompressOptions:
     threads: int | None = None
     data: CalibrationData | None = None
     samples: int | None = None
+    train_samples: int | None = None
+    val_split: float = 0.1
+    val_data: CalibrationData | None = None
+    max_drop: float | None = None
+    steps: int | str = 1
     batch_size: int = 32
     device: str = "auto"
     provider: str = "CPUExecutionProvider"
     recalibrate_bn: bool = False
     finetune: FinetuneOptions | None = None
+    auto_epochs: bool = False
+    never_slower: bool = False
+    use_cache: bool = True
 
 
 @dataclass(frozen=True)
@@ -150,9 +178,27 @@ def count_model(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ..
     return a.count("macs"), a.count("params")
 
 
+#: recovery sample passes per step that :func:`auto_epochs` aims at
+AUTO_SAMPLES_PER_STEP = 4096
+#: at most this many training samples are evaluated for the report's training-set figure
+TRAIN_EVAL_SAMPLES = 256
+
+
+def auto_epochs(n_train: int) -> int:
+    """Fine-tuning epochs per step for ``--finetune-epochs auto``: about
+    :data:`AUTO_SAMPLES_PER_STEP` sample passes, 1 to 8 epochs (early stopping on the
+    held-out figure ends it sooner when it stops helping)."""
+    return int(min(8, max(1, round(AUTO_SAMPLES_PER_STEP / max(n_train, 1)))))
+
+
 def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | None = None,
              options: CompressOptions = CompressOptions()) -> CompressResult:
-    """Prune ``input_path`` to ``options.target`` and write the result atomically.
+    """Prune ``input_path`` toward ``options.target`` and write the result atomically.
+
+    The run: split the data (held-out part first), resolve round_to, then the schedule of
+    steps (:mod:`onnxprune.schedule`; one step = the one-shot cut), each step checked
+    against the accuracy guard ``max_drop`` on the held-out data (the last step that holds
+    it is returned; a failing step is retried once halfway), then verify, bench, save.
 
     Args:
         input_path: an ONNX file (external data beside it is loaded).
@@ -160,7 +206,7 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
         options: see :class:`CompressOptions`.
 
     Raises:
-        OnnxPruneError subclasses: bad file, bad shapes, unreachable target with
+        OnnxPruneError subclasses: bad file, bad shapes, bad data, unreachable target with
         ``strict_target``, an output path equal to the input, or a failed verification.
         Nothing is written unless every stage succeeded.
     """
@@ -172,113 +218,254 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
     if options.criterion == "random":
         crit_args.setdefault("seed", options.seed)
     criterion = get_criterion(options.criterion, **crit_args)
-    if criterion.requires_data and options.data is None:
-        raise OnnxPruneError(f"criterion {options.criterion} needs calibration data: give --data "
-                             "(a .npz with x [and y], a .npy, or a folder of images)")
-    if (options.recalibrate_bn or options.finetune is not None) and options.data is None:
-        raise OnnxPruneError("--recalibrate-bn and --finetune-epochs need calibration data: give --data "
-                             "(a .npz with x [and y], a .npy, or a folder of images)")
+    _check_options(criterion, options)
 
     prep = prepare(input_path, options.input_shapes)
     times = dict(prep.stage_seconds)
     a = prep.analysis
-    with _timed(times, "score"):
-        if criterion.requires_data:
-            from onnxprune.executor.device import resolve_device
-
-            data = options.data.subset(options.samples, options.seed)
-            data.check(_declared_input_shape(prep.model))
-            scores = criterion.score_with_data(a, prep.model, data, batch_size=options.batch_size,
-                                               device=resolve_device(options.device), seed=options.seed)
-        else:
-            scores = criterion.score(a, weights_of(prep.model))
-    plan_opts, sweep, search = options.plan, None, None
+    split = metric = None
+    if options.data is not None:
+        with _timed(times, "held_out"):
+            split, metric = _held_out(prep, options)
+    run = _Run(prep, options, criterion, split, metric, times)
+    plan_opts, sweep = options.plan, None
     if plan_opts.round_to == ROUND_TO_AUTO:
+        from onnxprune.runtime.sweep_cache import cached_channel_sweep
+
         with _timed(times, "sweep"):
-            sweep = channel_sweep(prep.model, a.shapes, provider=options.provider, threads=options.threads,
-                                  analysis=a)
+            sweep = cached_channel_sweep(prep.model, a.shapes, a, provider=options.provider,
+                                         threads=options.threads, use_cache=options.use_cache)
         plan_opts = dataclasses.replace(plan_opts, round_to=sweep.round_to)
-    with _timed(times, "plan"):
-        if options.target.kind is TargetKind.LATENCY:  # plan, apply and measure until the target is met
-            search = search_latency(prep.original, prep.model, a, prep.input_shapes, scores, options.target,
-                                    plan_opts, normalize=criterion.normalize, provider=options.provider,
-                                    threads=options.threads, warmup=options.bench_warmup,
-                                    repeat=options.bench_repeat, seed=options.seed)
-            plan = search.plan
-        else:
-            plan = make_plan(a, scores, options.target, plan_opts, normalize=criterion.normalize)
-        plan.validate(a)
-    if plan.reachable is not None and options.strict_target:
-        raise PlanError(plan.warnings[0])
-    with _timed(times, "apply"):
-        pruned = apply_plan(prep.model, a, {g: np.asarray(v) for g, v in plan.removed.items()})
+    state, records, warnings, last_search, complete = run.schedule(plan_opts, fixed=not options.never_slower)
+
+    final_plan = plan_of_original(a, state, options.target)
+    reachable = None
+    if options.target is not None and not complete:
+        reachable = _reached(options.target, state, a, run.original_ms)
+    if reachable is not None:
+        final_plan = dataclasses.replace(final_plan, reachable=reachable)
+        if options.strict_target:
+            raise PlanError(f"target {options.target} is out of reach: reached {options.target.kind.value}="
+                            f"{reachable:.3f}")
+    pruned = state.model
     with _timed(times, "verify"):
         result = verify(pruned, prep.original, prep.input_shapes, seed=options.seed)
-        macs_after, params_after = count_model(pruned, prep.input_shapes)
-    recovery = None
-    if options.recalibrate_bn or options.finetune is not None:
-        pruned, result, recovery = _recover(prep, plan, pruned, options, times)
-    warnings = list(prep.warnings) + list(plan.warnings)
-    if abs(macs_after - plan.macs_after) > 0.005 * max(plan.macs_after, 1):
-        warnings.append(f"measured MACs after pruning ({macs_after}) differ from the plan's ({plan.macs_after})")
+        macs_after, params_after = state.macs, state.params
+    warnings = list(prep.warnings) + warnings
     lat_before = lat_after = None
-    if search is not None:  # the search measured the chosen model already (a miss is in plan.warnings)
-        lat_before, lat_after = search.before, search.after
-    elif options.bench:
+    if last_search is not None and len(records) == 1:  # the search measured the written model already
+        lat_before, lat_after = last_search.before, last_search.after
+    elif options.bench or (options.target is not None and options.target.kind is TargetKind.LATENCY):
         with _timed(times, "bench"):
             kw = dict(warmup=options.bench_warmup, repeat=options.bench_repeat, threads=options.threads,
                       seed=options.seed, providers=(options.provider,))
             lat_before = measure_latency(prep.original, prep.input_shapes, **kw)
             lat_after = measure_latency(pruned, prep.input_shapes, **kw)
-    if lat_after is not None and lat_after.median_ms >= lat_before.median_ms:
+    if lat_after is not None and lat_after.median_ms >= lat_before.median_ms and records:
         warnings.append(f"the pruned model is not faster than the original on {lat_after.provider} "
                         f"({lat_before.median_ms:.2f} -> {lat_after.median_ms:.2f} ms median) although it has "
                         f"{macs_after / max(a.count('macs'), 1):.2f}x the MACs")
+    held = run.held_out_summary(state, records)
     with _timed(times, "save"):
         save_model(pruned, out_path, input_path=input_path)
+    recovery = next((r.recovery for r in reversed(records) if r.accepted and r.recovery), None)
     report = CompressReport(
         input_path=str(input_path), output_path=str(out_path), criterion=options.criterion,
-        target=str(options.target), macs_before=a.count("macs"), macs_after=macs_after,
+        target=str(options.target) if options.target is not None else f"max-drop {options.max_drop:g}",
+        macs_before=a.count("macs"), macs_after=macs_after,
         params_before=a.count("params"), params_after=params_after,
-        latency_before=lat_before, latency_after=lat_after, groups=group_rows(a, plan),
+        latency_before=lat_before, latency_after=lat_after, groups=group_rows(a, final_plan),
         stage_seconds=times,
-        reachable=None if plan.reachable is None else f"{plan.target.kind.value}={plan.reachable:.3f}",
-        warnings=tuple(warnings), fidelity=result.to_dict(), criterion_info=getattr(scores, "info", {}),
-        round_to=None if sweep is None else {"chosen": sweep.round_to, **sweep.to_dict()},
-        latency_target=None if search is None else search.to_dict(), recovery=recovery)
-    return CompressResult(pruned, plan, a, result, report)
+        reachable=None if reachable is None else f"{options.target.kind.value}={reachable:.3f}",
+        warnings=tuple(warnings), fidelity=result.to_dict(),
+        criterion_info=next((dict(r.criterion_info) for r in reversed(records) if r.criterion_info), {}),
+        round_to=None if sweep is None else {"chosen": sweep.round_to, **sweep.info},
+        latency_target=None if last_search is None else last_search.to_dict(), recovery=recovery,
+        schedule=[r.to_dict() for r in records], held_out=held)
+    return CompressResult(pruned, final_plan, a, result, report)
 
 
-#: at most this many calibration samples are evaluated before / after recovery for the report
-RECOVERY_EVAL_SAMPLES = 256
+class _Run:
+    """One compress run's schedule: builds the :class:`~onnxprune.schedule.StepSetup` from
+    the options, runs the steps under the accuracy guard and summarises the held-out figures."""
+
+    def __init__(self, prep: Prepared, options: CompressOptions, criterion, split: Split | None,
+                 metric: HeldOutMetric | None, times: dict[str, float]) -> None:
+        self.prep, self.options, self.criterion = prep, options, criterion
+        self.split, self.metric, self.times = split, metric, times
+        train = split.train if split is not None else None
+        self.score_data = None if train is None else train.subset(options.samples, options.seed)
+        self.rec_data = None if train is None else train.subset(options.train_samples, options.seed)
+        self.original_ms: float | None = None
+        self.last_search = None
+        self.measure = None
+        latency_target = options.target is not None and options.target.kind is TargetKind.LATENCY
+        if options.bench or latency_target:
+            kw = dict(warmup=options.bench_warmup, repeat=options.bench_repeat, threads=options.threads,
+                      seed=options.seed, providers=(options.provider,))
+            self.measure = lambda m: measure_latency(m, prep.input_shapes, **kw).median_ms
+
+    # ---- the pieces of a step ---------------------------------------------------------
+    def _score(self, model: onnx.ModelProto, analysis: Analysis):
+        o = self.options
+        if self.criterion.requires_data:
+            from onnxprune.executor.device import resolve_device
+
+            scores = self.criterion.score_with_data(analysis, model, self.score_data, batch_size=o.batch_size,
+                                                    device=resolve_device(o.device), seed=o.seed)
+        else:
+            scores = self.criterion.score(analysis, weights_of(model))
+        return scores, getattr(scores, "info", {})
+
+    def _recover(self, parent: onnx.ModelProto, parent_analysis: Analysis, pruned: onnx.ModelProto,
+                 removed: Mapping[int, np.ndarray]):
+        from onnxprune.recover import recover
+
+        o = self.options
+        ft = o.finetune
+        if ft is not None and o.auto_epochs:
+            ft = dataclasses.replace(ft, epochs=auto_epochs(len(self.rec_data)))
+        rec = recover(parent, pruned, parent_analysis, removed, self.rec_data, recalibrate=o.recalibrate_bn,
+                      finetune_options=ft, batch_size=o.batch_size, device=o.device, teacher=self.prep.model,
+                      validate=None if self.metric is None else self.metric.measure)
+        return rec.model, dict(rec.info)
+
+    def _latency_search(self, state: State, target: Target, scores, opts: PlanOptions):
+        o = self.options
+        self.last_search = search_latency(
+            state.model, state.model, state.analysis, self.prep.input_shapes, scores, target, opts,
+            normalize=self.criterion.normalize, provider=o.provider, threads=o.threads, warmup=o.bench_warmup,
+            repeat=o.bench_repeat, seed=o.seed)
+        return self.last_search
+
+    # ---- the schedule ------------------------------------------------------------------
+    def schedule(self, plan_opts: PlanOptions, *, fixed: bool):
+        """Run the steps; returns (state, records, warnings, last latency search, complete)."""
+        o, prep = self.options, self.prep
+        if self.measure is not None:
+            with _timed(self.times, "bench"):
+                self.original_ms = self.measure(prep.model)
+        recovering = o.recalibrate_bn or o.finetune is not None
+        setup = StepSetup(prep.model, prep.analysis, prep.input_shapes, self._score, self.criterion.normalize,
+                          plan_opts, round_to_fixed=fixed or self.measure is None,
+                          recover=self._recover if recovering else None,
+                          metric=None if self.metric is None else self.metric.measure,
+                          measure=self.measure, original_ms=self.original_ms,
+                          latency_search=self._latency_search)
+        state = initial_state(prep.model, prep.analysis, self.original_ms)
+        if o.target is None:
+            plan_ms = guard_milestones()
+        else:
+            n = auto_steps(o.target, recovering=recovering) if o.steps == "auto" else int(o.steps)
+            plan_ms = milestones(o.target, n)
+        guard = self.metric is not None and o.max_drop is not None
+        records: list[StepRecord] = []
+        warnings: list[str] = []
+        round_to = int(plan_opts.round_to)
+        complete = True
+        for i, m in enumerate(plan_ms, start=1):
+            with _timed(self.times, "steps"):
+                new, rec, rt = run_step(i, m, state, setup, round_to)
+            warnings += [f"step {i}: {n}" for n in rec.notes if "already met" not in n]
+            if guard and rec.held_out is not None and self.metric.drop(rec.held_out) > o.max_drop:
+                records.append(dataclasses.replace(rec, accepted=False))
+                complete = False
+                warnings.append(f"accuracy guard: step {i} ({m}) lost {self.metric.drop(rec.held_out):.2f} points "
+                                f"of {self.metric.label} (bound {o.max_drop:g}); the last step that held it is "
+                                "returned")
+                retry = self._retry(i, m, state, setup, round_to)
+                if retry is not None:
+                    new2, rec2, rt2 = retry
+                    held = rec2.held_out is not None and self.metric.drop(rec2.held_out) <= o.max_drop
+                    records.append(dataclasses.replace(rec2, accepted=held))
+                    if held:
+                        state, round_to = new2, rt2
+                break
+            records.append(rec)
+            state, round_to = new, rt
+            if rec.reachable is not None:
+                complete = False
+                break
+        if guard and not any(r.accepted and r.macs < prep.analysis.count("macs") for r in records):
+            warnings.append("accuracy guard: no cut held the bound; the written model is the unpruned original")
+        return state, records, warnings, self.last_search, complete
+
+    def _retry(self, i: int, m: Milestone, state: State, setup: StepSetup, round_to: int):
+        """The failed step ``i`` once more, halfway from the current model to its milestone."""
+        now = _reached(Target(m.kind, 0.5), state, self.prep.analysis, self.original_ms)
+        if now is None:
+            return None
+        if m.kind is TargetKind.RATIO:
+            now = 1.0 - now  # channels kept
+        if now - m.kept <= 0.02:
+            return None
+        with _timed(self.times, "steps"):
+            return run_step(i, Milestone(m.kind, (now + m.kept) / 2), state, setup, round_to)
+
+    def held_out_summary(self, state: State, records) -> dict | None:
+        """The report's ``held_out`` entry: kind, original, final, drop, bound, training figure."""
+        if self.metric is None:
+            return None
+        m = self.metric
+        kept = [r for r in records if r.accepted and r.held_out is not None]
+        final = kept[-1].held_out if kept else m.measure(state.model)
+        train = None
+        if self.rec_data is not None and len(self.rec_data):
+            sub = self.rec_data.subset(TRAIN_EVAL_SAMPLES, self.options.seed)
+            tm = HeldOutMetric(self.prep.original, sub, batch_size=self.options.batch_size,
+                               providers=(self.options.provider,))
+            train = {"samples": len(sub), "original": tm.original_value, "final": tm.measure(state.model)}
+        return {**m.to_dict(), "source": self.split.source, "final": final, "drop": m.drop(final),
+                "max_drop": self.options.max_drop, "train": train}
 
 
-def _recover(prep: Prepared, plan: PruningPlan, pruned: onnx.ModelProto, options: CompressOptions,
-             times: dict[str, float]) -> tuple[onnx.ModelProto, VerifyResult, dict]:
-    """The recovery stage: :func:`onnxprune.recover.recover`, verify again, and accuracy /
-    agreement on (at most :data:`RECOVERY_EVAL_SAMPLES` of) the calibration data before and
-    after recovery (training data: an optimistic figure, reported as such)."""
-    from onnxprune.evaluate import evaluate
-    from onnxprune.recover import recover
+def _check_options(criterion, options: CompressOptions) -> None:
+    """Refuse option combinations that cannot run, before anything is loaded."""
+    need = "give --data (a .npz with x [and y], a .npy, or a folder of images)"
+    if criterion.requires_data and options.data is None:
+        raise OnnxPruneError(f"criterion {options.criterion} needs calibration data: {need}")
+    if (options.recalibrate_bn or options.finetune is not None) and options.data is None:
+        raise OnnxPruneError(f"--recalibrate-bn and --finetune-epochs need calibration data: {need}")
+    if options.max_drop is not None:
+        if options.data is None:
+            raise OnnxPruneError(f"--max-drop needs held-out data to measure the drop: {need}")
+        if not (np.isfinite(options.max_drop) and options.max_drop >= 0):
+            raise OnnxPruneError(f"--max-drop must be a number of points >= 0, got {options.max_drop}")
+        if options.val_split == 0 and options.val_data is None:
+            raise OnnxPruneError("--max-drop needs a held-out set: --val-split > 0 or --val-data")
+    if options.target is None and options.max_drop is None:
+        raise OnnxPruneError("give a target (--target-macs, --target-params, --ratio, --target-latency) "
+                             "or --max-drop")
+    if not (options.steps == "auto" or (isinstance(options.steps, int) and options.steps >= 1)):
+        raise OnnxPruneError(f"--steps must be 'auto' or an integer >= 1, got {options.steps!r}")
+    if not 0.0 <= float(options.val_split) < 1.0:
+        raise OnnxPruneError(f"--val-split must lie in [0, 1), got {options.val_split}")
 
-    data = options.data.subset(options.samples, options.seed)
-    data.check(_declared_input_shape(prep.model))
-    removed = {g: np.asarray(v) for g, v in plan.removed.items()}
-    with _timed(times, "recover"):
-        rec = recover(prep.model, pruned, prep.analysis, removed, data, recalibrate=options.recalibrate_bn,
-                      finetune_options=options.finetune, batch_size=options.batch_size, device=options.device)
-    with _timed(times, "verify"):
-        result = verify(rec.model, prep.original, prep.input_shapes, seed=options.seed)
-    info = dict(rec.info)
-    with _timed(times, "recover_eval"):
-        sub = data.subset(RECOVERY_EVAL_SAMPLES, options.seed)
-        before = evaluate(pruned, sub, reference=prep.original, batch_size=options.batch_size)
-        after = evaluate(rec.model, sub, reference=prep.original, batch_size=options.batch_size)
-    info["eval_calibration"] = {
-        "samples": len(sub), "reference_accuracy": after.reference_accuracy,
-        "before": {"accuracy": before.accuracy, "agreement": before.agreement},
-        "after": {"accuracy": after.accuracy, "agreement": after.agreement}}
-    return rec.model, result, info
+
+def _held_out(prep: Prepared, options: CompressOptions) -> tuple[Split | None, HeldOutMetric | None]:
+    """The split (before anything else sees the data) and the held-out metric."""
+    declared = _declared_input_shape(prep.model)
+    options.data.check(declared)
+    if options.val_data is not None:
+        options.val_data.check(declared)
+    if options.val_split == 0 and options.val_data is None:
+        return Split(options.data, options.data, np.arange(len(options.data)), None, "none"), None
+    split = split_holdout(options.data, options.val_split, options.seed, options.val_data)
+    metric = HeldOutMetric(prep.original, split.val, batch_size=options.batch_size, providers=(options.provider,))
+    return split, metric
+
+
+def _reached(target: Target, state: State, a: Analysis, original_ms: float | None) -> float | None:
+    """The fraction of ``target``'s kind that ``state`` reaches (of the original)."""
+    if target.kind is TargetKind.MACS:
+        return state.macs / max(a.count("macs"), 1)
+    if target.kind is TargetKind.PARAMS:
+        return state.params / max(a.count("params"), 1)
+    if target.kind is TargetKind.LATENCY:
+        return None if state.latency_ms is None or not original_ms else state.latency_ms / original_ms
+    total = sum(g.size for g in a.groups if g.prunable)
+    kept = sum(len(state.kept.get(g.name, ())) for g in a.groups if g.prunable)
+    return 1.0 - kept / max(total, 1)
 
 
 def _declared_input_shape(model: onnx.ModelProto) -> list[int | None] | None:

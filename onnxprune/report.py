@@ -15,7 +15,18 @@ from models itself. ``to_dict()`` gives the JSON schema::
      "warnings": [str], "fidelity": {...} | null,
      "round_to": {"chosen", "gains", "shapes", "tables", ...} | null   (--round-to auto),
      "latency_target": {"target", "measured_fraction", "reached", "measurements",
-                        "rounds", ...} | null                           (--target-latency)}
+                        "rounds", ...} | null                           (--target-latency),
+     "recovery": {...} | null  (the returned step's recovery),
+     "schedule": [{"step", "milestone": {"kind", "kept"}, "macs", "params", "macs_fraction",
+                   "params_fraction", "latency_ms", "held_out", "held_out_before_recovery",
+                   "round_to", "reachable", "accepted", "seconds", "recovery", "notes"}],
+     "held_out": {"kind": "accuracy"|"agreement"|"fidelity", "label", "samples", "source",
+                  "original", "final", "drop", "max_drop",
+                  "train": {"samples", "original", "final"} | null} | null}
+
+Every accuracy / agreement / fidelity figure in ``held_out`` and ``schedule`` is measured
+on the held-out data (percent); ``held_out.train`` is the secondary training-set figure.
+``fidelity`` (top level) is measured on random inputs and is informational only.
 
 Non-finite floats (an infinite ratio when a count is zero) are written as ``null`` so the
 file is strict JSON.
@@ -136,6 +147,8 @@ class CompressReport:
     round_to: Mapping[str, Any] | None = None
     latency_target: Mapping[str, Any] | None = None
     recovery: Mapping[str, Any] | None = None
+    schedule: tuple[Mapping[str, Any], ...] | list = ()
+    held_out: Mapping[str, Any] | None = None
 
     # ------------------------------------------------------------------ figures
     @property
@@ -196,6 +209,8 @@ class CompressReport:
             "round_to": None if self.round_to is None else dict(self.round_to),
             "latency_target": None if self.latency_target is None else dict(self.latency_target),
             "recovery": None if self.recovery is None else dict(self.recovery),
+            "schedule": [dict(r) for r in self.schedule],
+            "held_out": None if self.held_out is None else dict(self.held_out),
         }
         return _jsonable(d)
 
@@ -222,6 +237,10 @@ class CompressReport:
             highlight=False,
         )
         console.print(self._summary_table())
+        for line in _held_out_lines(self.held_out):
+            console.print(line, highlight=False)
+        if len(self.schedule) > 1 or (self.schedule and self.held_out):
+            console.print(self._schedule_table())
         if self.round_to is not None:
             console.print(f"round_to {self.round_to.get('chosen')} chosen by channel sweep on "
                           f"{escape(str(self.round_to.get('provider')))}", highlight=False)
@@ -324,7 +343,8 @@ class CompressReport:
         rows = {k: v for k, v in outputs.items() if isinstance(v, dict)}
         if not rows:
             return None
-        t = Table(title="Fidelity to the original (informational)", title_justify="left")
+        t = Table(title="Fidelity to the original on random inputs (informational, not an accuracy)",
+                  title_justify="left")
         t.add_column("output", overflow="fold")
         for col in ("max abs err", "max rel err", "cosine", "top-1 agree"):
             t.add_column(col, justify="right")
@@ -334,6 +354,19 @@ class CompressReport:
                 _fmt_num(v.get("cosine"), ".4f"),
                 _fmt_num(v.get("top1_agreement"), ".1%"),
             )
+        return t
+
+    def _schedule_table(self) -> Table:
+        t = Table(title="Steps (held-out figures; latency median)", title_justify="left")
+        for col in ("step", "milestone", "MACs", "params", "latency", "held-out cut", "held-out recovered",
+                    "round_to", "kept"):
+            t.add_column(col, justify="right")
+        for r in self.schedule:
+            m = r["milestone"]
+            t.add_row(str(r["step"]), f"{m['kind']} {m['kept']:.3f}", _fmt_ratio(r["macs_fraction"]),
+                      _fmt_ratio(r["params_fraction"]), _fmt_ms(r.get("latency_ms")),
+                      _fmt_pct(r.get("held_out_before_recovery")), _fmt_pct(r.get("held_out")), str(r["round_to"]),
+                      "yes" if r.get("accepted", True) else "[yellow]no[/yellow]")
         return t
 
     def _stage_table(self) -> Table:
@@ -372,6 +405,24 @@ def _recovery_lines(rec: Mapping[str, Any] | None) -> list[str]:
                              + (f" (original {ev['reference_accuracy']:.1%})"
                                 if key == "accuracy" and ev.get("reference_accuracy") is not None else ""))
     return lines
+
+
+def _held_out_lines(h: Mapping[str, Any] | None) -> list[str]:
+    """The headline: the held-out figure of the original and the written model."""
+    if not h:
+        return ["[yellow]no data given: accuracy was not measured (give --data with samples of your domain)[/yellow]"]
+    line = (f"[bold]{escape(h['label'])}[/bold]: original {h['original']:.2f}%, pruned {h['final']:.2f}% "
+            f"(drop {h['drop']:.2f} points" + (f", bound {h['max_drop']:g})" if h.get("max_drop") is not None else ")"))
+    out = [line]
+    tr = h.get("train")
+    if tr:
+        out.append(f"training set ({tr['samples']} samples, seen by scoring/recovery): original {tr['original']:.2f}%, "
+                   f"pruned {tr['final']:.2f}%")
+    return out
+
+
+def _fmt_pct(v: Any) -> str:
+    return f"{v:.2f}%" if isinstance(v, (int, float)) and math.isfinite(v) else "-"
 
 
 def _fmt_ratio(r: float) -> str:

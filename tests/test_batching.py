@@ -363,9 +363,12 @@ def test_compress_hands_its_analysis_to_the_channel_sweep(tmp_path, monkeypatch)
         seen.update(kw)
         raise Stop
 
-    monkeypatch.setattr(pipeline, "channel_sweep", fake)
+    import onnxprune.runtime.sweep as sweep
+
+    monkeypatch.setattr(sweep, "channel_sweep", fake)
     onnx.save(ALL_BUILDERS["residual"](), tmp_path / "m.onnx")
-    opts = dataclasses.replace(pipeline.CompressOptions(), plan=PlanOptions(round_to="auto"), bench=False)
+    opts = dataclasses.replace(pipeline.CompressOptions(), plan=PlanOptions(round_to="auto"), bench=False,
+                               use_cache=False)
     with pytest.raises(Stop):
         pipeline.compress(tmp_path / "m.onnx", tmp_path / "o.onnx", opts)
     assert seen["analysis"] is not None and hasattr(seen["analysis"], "groups")

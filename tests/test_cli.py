@@ -532,3 +532,57 @@ def test_taylor_with_data_writes_a_model_that_runs(workdir: Path, tmp_path: Path
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (y,) = sess.run(None, {"x": rng.normal(size=(1, 1, 28, 28)).astype(np.float32)})
     assert y.shape == (1, 10)
+
+
+# ------------------------------------------------------------ compress: defaults that follow the data
+def _labelled_lenet_data(folder: Path, n: int = 40) -> Path:
+    """Inputs labelled with the tiny LeNet's own argmax (the original scores 100 %)."""
+    model = ALL_BUILDERS["lenet"]()
+    x = np.random.default_rng(1).standard_normal((n, 1, 28, 28)).astype(np.float32)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = np.array([sess.run(None, {INPUT_NAME: x[i:i + 1]})[0].argmax() for i in range(n)], dtype=np.int64)
+    path = folder / "cal.npz"
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def test_compress_with_data_defaults_to_ifso_progressive_recovery_and_held_out(workdir: Path, tmp_path: Path) -> None:
+    src = _save_tiny(workdir, "lenet")
+    data = _labelled_lenet_data(tmp_path)
+    out, rep, png = workdir / "p.onnx", tmp_path / "r.json", tmp_path / "tradeoff.png"
+    result = _invoke("compress", src, "--data", data, "--target-macs", "0.5", "--no-bench", "--batch-size", "8",
+                     "--finetune-epochs", "1", "-o", out, "--report", rep, "--plot", png)
+    _assert_ok(result)
+    d = json.loads(rep.read_text())
+    assert d["criterion"] == "ifso"
+    assert len(d["schedule"]) == 4  # auto: one step per 15 % removed
+    assert all(s["recovery"] and "finetune" in s["recovery"] for s in d["schedule"] if s["held_out"] is not None)
+    held = d["held_out"]
+    assert held["kind"] == "accuracy" and held["original"] == 100.0 and held["samples"] >= 4
+    assert "held-out" in result.output and "random inputs" in result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert d["macs"]["ratio"] <= 0.5 + TOLERANCE
+    assert _run_ort(out, _feed("lenet"))[OUTPUT_NAME].shape == OUTPUT_SHAPES["lenet"]
+
+
+def test_compress_without_data_says_no_accuracy_was_measured(workdir: Path) -> None:
+    src = _save_tiny(workdir, "lenet")
+    result = _invoke("compress", src, "--target-macs", "0.5", "--no-bench", "-o", workdir / "p.onnx")
+    _assert_ok(result)
+    assert "accuracy was not measured" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--max-drop", "1"], ["--max-drop", "--data"]),
+    (["--steps", "zero"], ["--steps"]),
+    (["--steps", "0"], ["--steps", ">= 1"]),
+    (["--finetune-epochs", "x"], ["--finetune-epochs"]),
+    (["--recover"], ["--recover", "--data"]),
+    (["--finetune-augment", "rotate"], ["augment", "rotate"]),
+])
+def test_progressive_options_are_checked(workdir: Path, tmp_path: Path, args, fragments) -> None:
+    src = _save_tiny(workdir, "lenet")
+    extra = ["--data", _labelled_lenet_data(tmp_path)] if "--finetune-augment" in args else []
+    before = _listing(workdir)
+    _assert_user_error(_invoke("compress", src, "--target-macs", "0.5", "--no-bench", *extra, *args), *fragments)
+    assert _listing(workdir) == before

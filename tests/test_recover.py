@@ -255,11 +255,17 @@ def test_cli_compress_with_recovery(folder):
     r = CliRunner().invoke(main, ["compress", str(folder / "orig.onnx"), "-o", str(folder / "small.onnx"),
                                   "--target-macs", "0.6", "--no-bench", "--data", str(folder / "labelled.npz"),
                                   "--recalibrate-bn", "--finetune-epochs", "1", "--finetune-lr", "1e-3",
+                                  "--finetune-loss", "auto", "--steps", "1", "--val-split", "0.1",
                                   "--batch-size", "8", "--device", "cpu", "--report", str(folder / "rep.json")])
     assert r.exit_code == 0, r.output
-    rec = json.loads((folder / "rep.json").read_text())["recovery"]
+    report = json.loads((folder / "rep.json").read_text())
+    rec = report["recovery"]
     assert rec["bn_recalibration"]["nodes"] >= 1 and rec["finetune"]["loss"] == "ce"
-    assert rec["finetune"]["steps"] == 5 and rec["eval_calibration"]["samples"] == 40
-    assert 0.0 <= rec["eval_calibration"]["after"]["accuracy"] <= 1.0
+    # 40 samples: 4 held out (one per class), 36 train -> ceil(36 / 8) = 5 steps
+    assert rec["finetune"]["steps"] == 5
+    held = report["held_out"]
+    assert held["kind"] == "accuracy" and held["samples"] == 4 and held["train"]["samples"] == 36
+    assert 0.0 <= held["final"] <= 100.0 and rec["finetune"]["val_by_epoch"][rec["finetune"]["best_epoch"]] == \
+        held["final"]
     assert "recovery:" in r.output
     assert ort_run(str(folder / "small.onnx"), inputs(2)).shape == (2, 7)

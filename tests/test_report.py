@@ -69,7 +69,7 @@ def test_json_round_trip_schema():
     assert set(d) == {
         "input", "output", "criterion", "target", "macs", "params", "latency_ms", "groups",
         "stage_seconds", "reachable", "warnings", "fidelity", "criterion_info", "round_to", "latency_target",
-        "recovery",
+        "recovery", "schedule", "held_out",
     }
     assert d["round_to"] is None and d["latency_target"] is None
     assert d["criterion_info"] == {}

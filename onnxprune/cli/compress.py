@@ -23,30 +23,54 @@ def _criterion_args(criterion: str, cpmc_a: float, cpmc_b: float, loss: str, ens
     return {}
 
 
+def _int_or_auto(value: str, option: str, *, minimum: int) -> int | str:
+    """``auto`` or an integer >= ``minimum``. Raises OnnxPruneError naming ``option``."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        raise OnnxPruneError(f"{option} must be 'auto' or an integer, got {value!r}") from None
+    if n < minimum:
+        raise OnnxPruneError(f"{option} must be >= {minimum}, got {n}")
+    return n
+
+
 @click.command("compress")
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", type=click.Path(), default=None,
               help="Output model (default: <name>.pruned.onnx beside the input).")
-@click.option("--criterion", default="l1", show_default=True,
+@click.option("--criterion", default=None,
               type=click.Choice(["l1", "l2", "bn", "cpmc", "random", "taylor", "infcp", "ifso"]),
-              help="Channel importance criterion (taylor, infcp, ifso need --data).")
+              help="Channel importance criterion (taylor, infcp, ifso need --data). Default: ifso with --data, "
+                   "l1 without.")
 @click.option("--ratio", type=float, default=None, help="Fraction of prunable channels to remove.")
 @click.option("--target-macs", type=float, default=None, help="Fraction of MACs to keep (default 0.7).")
 @click.option("--target-params", type=float, default=None, help="Fraction of params to keep.")
 @click.option("--target-latency", type=float, default=None,
               help="Fraction of the original's measured latency to reach (profiled, planned, measured).")
+@click.option("--max-drop", type=float, default=None, metavar="PTS",
+              help="Accuracy guard (needs --data): the held-out figure drops at most PTS points; alone, compress "
+                   "as far as that allows.")
+@click.option("--steps", default="auto", show_default=True,
+              help="Progressive steps toward the target (1 = one-shot); auto: 1 without --data, else one per "
+                   "15%% removed.")
 @click.option("--provider", default="cpu", show_default=True,
               help="onnxruntime provider for latency: cpu, cuda, tensorrt (or a full provider name).")
 @click.option("--scope", type=click.Choice(["global", "layer"]), default="global", show_default=True,
               help="Rank channels across the network or prune every group by the same fraction.")
-@click.option("--round-to", default="1", show_default=True,
-              help="Kept channel counts are multiples of N; 'auto' measures a channel sweep to choose N.")
+@click.option("--round-to", default=None,
+              help="Kept channel counts are multiples of N. Default: auto (a channel sweep, cached per model, "
+                   "provider and CPU) and never slower: a cut that is not faster is re-planned coarser (1 with "
+                   "--no-bench). An explicit N is used as given.")
 @click.option("--max-layer-ratio", type=float, default=1.0, show_default=True,
               help="At most this fraction of any group's channels is removed.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="fnmatch pattern of node names never pruned.")
 @input_shape_option
 @click.option("--report", "report_path", type=click.Path(), default=None, help="Write the report as JSON.")
 @click.option("--plan-out", type=click.Path(), default=None, help="Write the pruning plan as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(), default=None,
+              help="Draw the trade-off curve (held-out figure vs latency and MACs, one point per step) as PNG.")
 @click.option("--no-bench", is_flag=True, help="Skip the onnxruntime latency measurement.")
 @click.option("--bench-repeat", type=int, default=30, show_default=True, help="Timed runs per model.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads for the benchmark.")
@@ -55,9 +79,22 @@ def _criterion_args(criterion: str, cpmc_a: float, cpmc_b: float, loss: str, ens
 @click.option("--cpmc-b", type=float, default=0.5, show_default=True, help="cpmc: exponent of the params term.")
 @click.option("--strict-target", is_flag=True, help="Fail when the target is out of reach.")
 @data_options
-@click.option("--recalibrate-bn", is_flag=True,
-              help="After pruning (needs --data): bias compensation of removed channels, BN statistics re-estimated.")
-@finetune_options("finetune-", epochs_default=0)
+@click.option("--train-samples", type=int, default=None,
+              help="Recovery uses at most N training samples (default: all; --samples bounds scoring).")
+@click.option("--val-split", type=float, default=0.1, show_default=True,
+              help="Share of --data held out for validation, split before anything else (0: none).")
+@click.option("--val-data", "val_path", type=click.Path(), default=None,
+              help="A held-out set of its own (same format and preprocessing as --data).")
+@click.option("--recover/--no-recover", "recover_flag", default=None,
+              help="Recovery after every cut (default with --data): bias compensation, BN re-calibration and "
+                   "distillation from the original.")
+@click.option("--recalibrate-bn/--no-recalibrate-bn", default=None,
+              help="Bias compensation of removed channels and BN statistics re-estimated (default: with recovery).")
+@finetune_options("finetune-", epochs_default="auto")
+@click.option("--finetune-loss", type=click.Choice(["distill", "auto", "ce", "kl", "mse"]), default="distill",
+              show_default=True, help="Recovery loss: distill = KL (classifiers) or MSE to the original's outputs.")
+@click.option("--patience", type=int, default=2, show_default=True,
+              help="Recovery stops after N epochs without a better held-out figure.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Calibration batch size.")
 @click.option("--device", default="auto", show_default=True, help="Torch side: auto, cpu, cuda or cuda:N.")
 @click.option("--loss", type=click.Choice(["auto", "ce", "kl", "mse"]), default="auto", show_default=True,
@@ -68,18 +105,24 @@ def _criterion_args(criterion: str, cpmc_a: float, cpmc_b: float, loss: str, ens
 @click.option("-v", "--verbose", is_flag=True, help="Show every group in the report.")
 @user_errors
 def compress(model, output, criterion, ratio, target_macs, target_params, scope, round_to, max_layer_ratio,
-             exclude, input_shape, report_path, plan_out, no_bench, bench_repeat, threads, seed, cpmc_a, cpmc_b,
-             strict_target, data_path, image_size, mean, std, scale, channel_order, grayscale, samples,
-             batch_size, device, loss, verbose, target_latency, provider, ensemble, recalibrate_bn, **finetune):
-    """Prune MODEL and write a smaller ONNX model, with a report."""
+             exclude, input_shape, report_path, plan_out, plot_path, no_bench, bench_repeat, threads, seed, cpmc_a,
+             cpmc_b, strict_target, data_path, image_size, mean, std, scale, channel_order, grayscale, samples,
+             train_samples, val_split, val_path, recover_flag, batch_size, device, loss, verbose, target_latency,
+             provider, ensemble, recalibrate_bn, max_drop, steps, finetune_loss, patience, **finetune):
+    """Prune MODEL and write a smaller ONNX model, with a report.
+
+    With --data (samples of your domain, labels optional): held-out split, ifso scores,
+    progressive steps with recovery, accuracy guard (--max-drop). Without: l1, one step,
+    and the report says that no accuracy was measured.
+    """
     from onnxprune.io import check_side_output, default_output_path
     from onnxprune.pipeline import CompressOptions, compress as run
 
     out_model = output if output is not None else default_output_path(model)
-    if report_path:
-        check_side_output(report_path, models=[model, out_model, plan_out])
-    if plan_out:
-        check_side_output(plan_out, models=[model, out_model])
+    for side in (report_path, plan_out, plot_path):
+        if side:
+            check_side_output(side, models=[model, out_model] + [p for p in (report_path, plan_out, plot_path)
+                                                                 if p and p != side])
 
     from onnxprune.cli.bench import checked_provider, parse_round_to
 
@@ -88,20 +131,40 @@ def compress(model, output, criterion, ratio, target_macs, target_params, scope,
              if v is not None]
     if len(given) > 1:
         raise OnnxPruneError("give only one of --ratio, --target-macs, --target-params, --target-latency")
-    target = Target(*given[0]) if given else Target(TargetKind.MACS, 0.7)
+    if given:
+        target = Target(*given[0])
+    else:
+        target = None if max_drop is not None else Target(TargetKind.MACS, 0.7)
     data = load_data(data_path, image_size, mean, std, scale, channel_order, grayscale)
+    val_data = load_data(val_path, image_size, mean, std, scale, channel_order, grayscale)
+    if val_data is not None and data is None:
+        raise OnnxPruneError("--val-data needs --data (the training and scoring samples)")
+    if criterion is None:
+        criterion = "ifso" if data is not None else "l1"
+    recovering = recover_flag if recover_flag is not None else data is not None
+    if recovering and data is None:
+        raise OnnxPruneError("--recover needs calibration data: give --data")
+    epochs = _int_or_auto(finetune["finetune_epochs"], "--finetune-epochs", minimum=0)
     ft = None
-    if finetune["finetune_epochs"]:
-        ft = finetune_from(finetune, "finetune-", batch_size=batch_size, loss=loss, device=device, seed=seed,
-                           progress=True)
+    if recovering and epochs != 0:
+        values = dict(finetune, finetune_epochs=1 if epochs == "auto" else epochs)
+        ft = finetune_from(values, "finetune-", batch_size=batch_size, loss=finetune_loss, device=device, seed=seed,
+                           progress=True, patience=patience)
+    recal = recalibrate_bn if recalibrate_bn is not None else recovering
+    fixed_round_to = round_to is not None
+    if round_to is None:  # measured by default; without any measurement, the plain count
+        round_to = "1" if no_bench else "auto"
     opts = CompressOptions(
         criterion=criterion, target=target,
         plan=PlanOptions(Scope(scope), parse_round_to(round_to), max_layer_ratio, 1, tuple(exclude)),
         input_shapes=input_shapes(input_shape), seed=seed,
         criterion_args=_criterion_args(criterion, cpmc_a, cpmc_b, loss, ensemble),
         strict_target=strict_target, bench=not no_bench, bench_repeat=bench_repeat, threads=threads,
-        recalibrate_bn=recalibrate_bn, finetune=ft,
-        data=data, samples=samples, batch_size=batch_size, device=device, provider=checked_provider(provider))
+        recalibrate_bn=bool(recal), finetune=ft, auto_epochs=epochs == "auto",
+        data=data, samples=samples, train_samples=train_samples, val_split=val_split, val_data=val_data,
+        max_drop=max_drop, steps=_int_or_auto(steps, "--steps", minimum=1),
+        never_slower=not fixed_round_to and not no_bench,
+        batch_size=batch_size, device=device, provider=checked_provider(provider))
     res = run(model, output, opts)
     res.report.render(Console(), verbose=verbose)
     if report_path:
@@ -110,3 +173,7 @@ def compress(model, output, criterion, ratio, target_macs, target_params, scope,
         from onnxprune.io import write_text_atomic
 
         write_text_atomic(plan_out, res.plan.to_json())
+    if plot_path:
+        from onnxprune.plots import plot_tradeoff
+
+        plot_tradeoff(res.report.to_dict(), plot_path)

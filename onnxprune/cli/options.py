@@ -113,18 +113,22 @@ def load_data(data_path, image_size, mean, std, scale, channel_order, grayscale,
                             scale=scale, channel_order=channel_order, grayscale=grayscale)
 
 
-_FT_FIELDS = ("epochs", "optimizer", "lr", "schedule", "weight_decay", "temperature")
+_FT_FIELDS = ("epochs", "optimizer", "lr", "schedule", "weight_decay", "temperature", "warmup", "augment")
 
 
-def finetune_options(prefix: str = "", *, epochs_default: int = 1) -> Callable[[Callable], Callable]:
+def finetune_options(prefix: str = "", *, epochs_default: int | str = 1) -> Callable[[Callable], Callable]:
     """Decorator factory adding the fine-tuning options named ``--{prefix}epochs``,
     ``--{prefix}optimizer``, ``--{prefix}lr``, ``--{prefix}schedule``,
-    ``--{prefix}weight-decay``, ``--{prefix}temperature`` (parameters with ``-`` as ``_``)."""
+    ``--{prefix}weight-decay``, ``--{prefix}temperature``, ``--{prefix}warmup``,
+    ``--{prefix}augment`` (parameters with ``-`` as ``_``). ``epochs_default="auto"``
+    makes the epochs option a string (``auto`` or an integer)."""
     p = prefix
     pu = prefix.replace("-", "_")
     opts = (
-        click.option(f"--{p}epochs", f"{pu}epochs", type=int, default=epochs_default, show_default=True,
-                     help="Fine-tuning epochs over the calibration data" + (" (0: none)." if p else ".")),
+        click.option(f"--{p}epochs", f"{pu}epochs", type=str if epochs_default == "auto" else int,
+                     default=epochs_default, show_default=True,
+                     help="Fine-tuning epochs over the calibration data" + (
+                         " per step (0: none; auto: about 4096 samples per step, with --data)." if p else ".")),
         click.option(f"--{p}optimizer", f"{pu}optimizer", type=click.Choice(["adam", "adamw", "sgd"]),
                      default="adam", show_default=True, help="Fine-tuning optimizer (sgd: momentum 0.9)."),
         click.option(f"--{p}lr", f"{pu}lr", type=float, default=1e-4, show_default=True,
@@ -135,6 +139,11 @@ def finetune_options(prefix: str = "", *, epochs_default: int = 1) -> Callable[[
                      help="Fine-tuning weight decay."),
         click.option(f"--{p}temperature", f"{pu}temperature", type=float, default=1.0, show_default=True,
                      help="Softmax temperature of KL distillation (loss scaled by T^2)."),
+        click.option(f"--{p}warmup", f"{pu}warmup", type=float, default=0.05, show_default=True,
+                     help="Fraction of the fine-tuning steps with a linear learning-rate warm-up."),
+        click.option(f"--{p}augment", f"{pu}augment", default="auto", show_default=True,
+                     help="Consistent augmentation of distillation (teacher and student see the same view): "
+                          "auto, none, or a list of shift,crop,flip,noise,mixup,cutmix."),
     )
 
     def deco(fn: Callable) -> Callable:
@@ -157,6 +166,7 @@ def finetune_from(values: Mapping, prefix: str = "", **common):
 
     pu = prefix.replace("-", "_")
     kw = {f: values[f"{pu}{f}"] for f in _FT_FIELDS}
+    kw["augment"] = tuple(a.strip() for a in str(kw["augment"]).split(",") if a.strip())
     try:
         return FinetuneOptions(**kw, **common)
     except OnnxPruneError as e:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from onnxprune.errors import OnnxPruneError
 
-KINDS = ("auto", "ce", "kl", "mse")
+KINDS = ("auto", "ce", "kl", "mse", "distill")
 TEACHER_KINDS = ("kl", "mse")
 
 Outputs = torch.Tensor | Sequence[torch.Tensor]
@@ -176,7 +176,8 @@ def resolve_loss(kind: str = "auto", *, has_labels: bool, first_output_rank: int
     """The :class:`Loss` that ``kind`` means for this data and model.
 
     Args:
-        kind: one of ``auto``, ``ce``, ``kl``, ``mse``.
+        kind: one of ``auto``, ``ce``, ``kl``, ``mse``, ``distill`` (the teacher loss:
+            ``kl`` for classifiers, ``mse`` otherwise, labels or not).
         has_labels: whether the calibration data carries labels.
         first_output_rank: rank of the model's first output (2 = classifier logits).
         prefer_teacher: ``auto`` resolves to the teacher loss (``kl`` / ``mse``) even
@@ -187,6 +188,8 @@ def resolve_loss(kind: str = "auto", *, has_labels: bool, first_output_rank: int
     """
     if kind not in KINDS:
         raise OnnxPruneError(f"unknown loss {kind!r}; choose from {', '.join(KINDS)}")
+    if kind == "distill":
+        kind, prefer_teacher = "auto", True
     if kind == "auto":
         kind = "ce" if has_labels and not prefer_teacher else ("kl" if first_output_rank == 2 else "mse")
     if kind in ("ce", "kl") and first_output_rank != 2:
@@ -201,7 +204,7 @@ def make_loss(kind: str = "ce") -> Loss:
     Raises:
         OnnxPruneError: unknown kind (``auto`` included: it needs the data and the model).
     """
-    if kind not in KINDS or kind == "auto":
+    if kind not in KINDS or kind in ("auto", "distill"):
         raise OnnxPruneError(f"unknown loss {kind!r}; choose from {', '.join(k for k in KINDS if k != 'auto')} "
                              "(auto is resolved by resolve_loss from the data and the model)")
     return Loss(kind)

@@ -15,7 +15,7 @@ re-estimated statistics.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +52,8 @@ class RecoveryResult:
 def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Analysis,
             removed: Mapping[int, np.ndarray], data: CalibrationData, *, recalibrate: bool = False,
             finetune_options: FinetuneOptions | None = None, batch_size: int = 32,
-            device: str = "auto") -> RecoveryResult:
+            device: str = "auto", teacher: onnx.ModelProto | None = None,
+            validate: Callable[[onnx.ModelProto], float] | None = None) -> RecoveryResult:
     """Bias compensation and BN re-calibration (``recalibrate``), then fine-tuning.
 
     Args:
@@ -63,6 +64,11 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Analys
         recalibrate: run bias compensation and BN re-calibration.
         finetune_options: fine-tune with these options (None: no fine-tuning).
         batch_size / device: of the compensation and re-calibration passes.
+        teacher: the distillation target of fine-tuning (default ``original``; in
+            progressive compression the unpruned model, while ``original`` is the
+            previous step's model).
+        validate: held-out score of a candidate (higher is better) for fine-tuning's
+            early stopping (:func:`onnxprune.recover.training.finetune`).
 
     Raises:
         OnnxPruneError subclasses from the steps (see each function).
@@ -83,7 +89,8 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Analys
         model = bn.model
         info["bn_recalibration"] = bn.to_dict()
     if finetune_options is not None:
-        ft = finetune(model, data, teacher=original, options=finetune_options, measure_loss=False)
+        ft = finetune(model, data, teacher=original if teacher is None else teacher, options=finetune_options,
+                      measure_loss=False, validate=validate)
         model = ft.model
         info["finetune"] = ft.to_dict()
     return RecoveryResult(model, bias, bn, ft, info)

@@ -26,7 +26,15 @@ Rules :func:`finetune` follows:
   takes, for any B and batch_size (B > batch_size and N < B included); the student and
   the teacher each use their own fixed batch.
 - Optimizers ``sgd`` (momentum 0.9), ``adam``, ``adamw``; schedule ``cosine`` (from lr to
-  0 over all steps, per step) or ``constant``. Defaults (adam, lr 1e-4, no weight decay)
+  0 over all steps, per step) or ``constant``, after an optional linear warm-up over the
+  first ``warmup`` fraction of the steps (from lr / 10).
+- Consistent augmentation (``augment``, :mod:`onnxprune.recover.augment`): each batch is
+  augmented once and the *same* view goes to the teacher and the student (Beyer et al.,
+  CVPR 2022); mixing kinds only with a teacher loss.
+- Early stopping on held-out data (``validate``): the model as given and the model after
+  every epoch are scored by ``validate`` (higher is better); the best is returned, and
+  training stops after ``patience`` epochs without improvement. So fine-tuning never
+  returns a model worse on the held-out data than the one it started from. Defaults (adam, lr 1e-4, no weight decay)
   are the cautious choice for a short recovery of a pretrained model.
 - Nothing is written here: the trained model is returned (the callers save it atomically
   with :func:`onnxprune.io.save_model` only after training completed), so a Ctrl-C or an
@@ -80,8 +88,14 @@ class FinetuneOptions:
         loss: ``auto``, ``ce``, ``kl`` or ``mse`` (:mod:`onnxprune.criteria.loss`).
         temperature: softmax temperature of ``kl`` distillation (> 0).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        seed: seed of the batch order.
+        seed: seed of the batch order and of the augmentation.
         progress: show a rich progress bar on stderr.
+        warmup: fraction of the steps with a linear learning-rate warm-up, in [0, 1).
+        augment: consistent augmentation: ``("auto",)``, ``("none",)`` or kinds
+            (:func:`onnxprune.recover.augment.parse_augment`; ``auto`` resolved by the
+            model's first output).
+        patience: with ``validate``, stop after this many epochs without improvement
+            (None: run every epoch, still returning the best).
 
     Raises:
         OnnxPruneError: an option out of range, naming it.
@@ -98,8 +112,20 @@ class FinetuneOptions:
     device: str = "auto"
     seed: int = 0
     progress: bool = False
+    warmup: float = 0.0
+    augment: tuple[str, ...] = ()
+    patience: int | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "augment", tuple(self.augment))
+        if self.augment:
+            from onnxprune.recover.augment import parse_augment
+
+            parse_augment(list(self.augment), classifier=True)  # unknown kinds fail here, named
+        if not (math.isfinite(self.warmup) and 0 <= self.warmup < 1):
+            raise OnnxPruneError(f"--warmup must lie in [0, 1), got {self.warmup}")
+        if self.patience is not None and int(self.patience) < 1:
+            raise OnnxPruneError(f"--patience must be >= 1, got {self.patience}")
         if int(self.epochs) < 1:
             raise OnnxPruneError(f"--epochs must be >= 1, got {self.epochs}")
         if self.optimizer not in OPTIMIZERS:
@@ -146,7 +172,7 @@ class FinetuneResult:
     def to_dict(self) -> dict:
         return {"loss": self.loss, "loss_before": self.loss_before, "loss_after": self.loss_after,
                 "epoch_losses": list(self.epoch_losses), "steps": self.steps, "trained": len(self.trained),
-                "device": self.device, "seconds": self.seconds}
+                "device": self.device, "seconds": self.seconds, **dict(self.extra)}
 
 
 def trainable_initializers(model: onnx.ModelProto) -> list[str]:
@@ -236,7 +262,8 @@ def _progress(enabled: bool):
 def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.ModelProto | None = None,
              options: FinetuneOptions = FinetuneOptions(),
              callback: Callable[[int, int, float], None] | None = None,
-             measure_loss: bool = True) -> FinetuneResult:
+             measure_loss: bool = True,
+             validate: Callable[[onnx.ModelProto], float] | None = None) -> FinetuneResult:
     """Train ``student``'s weights on ``data``; return a copy with the trained initializers.
 
     Args:
@@ -250,6 +277,9 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
             an exception it raises aborts training (nothing is returned or written).
         measure_loss: compute ``loss_before`` / ``loss_after`` with two extra no-grad
             passes over the data (else they are None).
+        validate: scores a candidate model (higher is better), e.g. held-out accuracy
+            (:class:`onnxprune.holdout.HeldOutMetric`); the best of the input and every
+            epoch is returned (``extra``: ``val_by_epoch``, ``best_epoch``, 0 = input).
 
     Returns:
         :class:`FinetuneResult`.
@@ -295,14 +325,20 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
     steps_per_epoch = math.ceil(n / bs)
     total = steps_per_epoch * int(options.epochs)
     opt = _optimizer(params, options)
-    if options.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total)))
-    else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(options.schedule, total,
+                                                            int(round(options.warmup * total))))
+    augment = None
+    if options.augment:
+        from onnxprune.recover.augment import Augmenter, parse_augment
 
-    def batch(idx: np.ndarray):
+        kinds = parse_augment(list(options.augment), classifier=first_output_rank(student) == 2)
+        augment = Augmenter(kinds, allow_mixing=loss_fn.uses_teacher) if kinds else None
+    aug_gen = torch.Generator().manual_seed(int(options.seed) + 1)
+
+    def batch(idx: np.ndarray, train: bool = False):
         x = torch.from_numpy(np.ascontiguousarray(data.x[idx])).to(device)
+        if train and augment is not None:  # one view for the student and the teacher alike
+            x = augment(x, aug_gen)
         y = None if data.y is None else torch.from_numpy(np.asarray(data.y[idx])).to(device)
         ref = None
         if tnet is not None:
@@ -310,9 +346,9 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
                 ref = tuple(t.detach() for t in forward_fixed(tnet, x, tfixed))
         return x, y, ref
 
-    def loss_on(idx: np.ndarray) -> torch.Tensor:
+    def loss_on(idx: np.ndarray, train: bool = False) -> torch.Tensor:
         """Mean loss of the samples ``idx`` (one step's batch), run as the model can take them."""
-        x, y, ref = batch(idx)
+        x, y, ref = batch(idx, train)
         return _loss(loss_fn, forward_fixed(net, x, fixed), y, ref, options.temperature)
 
     def mean_loss() -> float:
@@ -324,6 +360,10 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
         return total_loss / n
 
     loss_before = mean_loss() if measure_loss else None
+    val_by_epoch: list[float] = []
+    best_model, best_epoch = student, 0
+    if validate is not None:
+        val_by_epoch.append(float(validate(student)))
     epoch_losses: list[float] = []
     t0 = time.perf_counter()
     step = 0
@@ -335,7 +375,7 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
             for k, i in enumerate(range(0, n, bs)):
                 idx = np.sort(order[i:i + bs])
                 opt.zero_grad(set_to_none=True)
-                loss = loss_on(idx)
+                loss = loss_on(idx, train=True)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise OnnxPruneError(f"fine-tuning diverged at epoch {epoch + 1}, step {k + 1} "
@@ -351,15 +391,47 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
                 if callback is not None:
                     callback(epoch, k, value)
             epoch_losses.append(running / max(seen, 1))
+            if validate is not None:
+                candidate = net.write_back(student)
+                val_by_epoch.append(float(validate(candidate)))
+                if val_by_epoch[-1] > val_by_epoch[best_epoch]:
+                    best_model, best_epoch = candidate, epoch + 1
+                elif options.patience is not None and epoch + 1 - best_epoch >= int(options.patience):
+                    break
     seconds = time.perf_counter() - t0
     if step == 0:  # cannot happen with N >= 1; never report an untrained model as fine-tuned
         raise OnnxPruneError("fine-tuning took no step")
     loss_after = mean_loss() if measure_loss else None
     for p in params:
         p.requires_grad_(False)
-    trained = net.write_back(student)
+    extra: dict = {}
+    if validate is not None:
+        trained = best_model
+        extra = {"val_by_epoch": val_by_epoch, "best_epoch": best_epoch}
+    else:
+        trained = net.write_back(student)
     return FinetuneResult(trained, loss_fn.kind, loss_before, loss_after, tuple(epoch_losses), step,
-                          tuple(names), str(device), seconds)
+                          tuple(names), str(device), seconds, extra)
+
+
+def lr_factor(schedule: str, total: int, warmup: int) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate at step ``s`` (``LambdaLR``'s function).
+
+    Linear warm-up from 0.1 to 1 over the first ``warmup`` steps, then ``cosine`` (to 0 at
+    step ``total``) or ``constant``.
+    """
+    total = max(int(total), 1)
+    warmup = min(max(int(warmup), 0), total - 1)
+
+    def f(s: int) -> float:
+        if s < warmup:
+            return 0.1 + 0.9 * s / warmup
+        if schedule == "cosine":
+            rest = max(total - warmup, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(s - warmup, rest) / rest))
+        return 1.0
+
+    return f
 
 
 def _loss(loss_fn: Loss, outputs, y, ref, temperature: float) -> torch.Tensor:
