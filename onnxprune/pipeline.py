@@ -11,26 +11,30 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from onnxprune.analysis import Analysis, analyze
 from onnxprune.runtime.latency import measure_latency
-from onnxprune.canonicalize import canonicalize
+from onnxprune.canonicalize import canonicalize, restore_storage_dtypes
 from onnxprune.criteria import get_criterion
 from onnxprune.data import CalibrationData
-from onnxprune.errors import OnnxPruneError, OutputPathError, PlanError
+from onnxprune.errors import OnnxPruneError, PlanError
 from onnxprune.inputs import resolve_input_shapes
-from onnxprune.io import default_output_path, load_model, save_model
+from onnxprune.io import check_model_output, default_output_path, load_model, save_model
 from onnxprune.runtime.latency_search import search_latency
 from onnxprune.runtime.sweep import channel_sweep
 from onnxprune.planning import ROUND_TO_AUTO, PlanOptions, PruningPlan, Target, TargetKind, make_plan
-from onnxprune.recover.training import FinetuneOptions
 from onnxprune.report import CompressReport, GroupRow
 from onnxprune.shapes import measure_shapes
 from onnxprune.surgery import apply_plan
+from onnxprune.surgery.oracle import zeroed_reference
 from onnxprune.runtime.verify import VerifyResult, verify
+
+if TYPE_CHECKING:  # recover.training imports torch; an l1 run must not
+    from onnxprune.recover.training import FinetuneOptions
 
 
 @dataclass(frozen=True)
@@ -166,8 +170,8 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
     """
     input_path = Path(input_path)
     out_path = Path(output_path) if output_path is not None else default_output_path(input_path)
-    if out_path.exists() and input_path.exists() and os.path.samefile(out_path, input_path):
-        raise OutputPathError(f"{out_path}: output path is the input model; choose another -o")
+    check_model_output(output_path if output_path is not None else out_path, [input_path],
+                       clash="output path is the input model; choose another -o")
     crit_args = dict(options.criterion_args)
     if options.criterion == "random":
         crit_args.setdefault("seed", options.seed)
@@ -211,9 +215,11 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
     if plan.reachable is not None and options.strict_target:
         raise PlanError(plan.warnings[0])
     with _timed(times, "apply"):
-        pruned = apply_plan(prep.model, a, {g: np.asarray(v) for g, v in plan.removed.items()})
+        removed = {g: np.asarray(v) for g, v in plan.removed.items()}
+        pruned = restore_storage_dtypes(apply_plan(prep.model, a, removed), prep.original)
     with _timed(times, "verify"):
-        result = verify(pruned, prep.original, prep.input_shapes, seed=options.seed)
+        result = verify(pruned, prep.original, prep.input_shapes, seed=options.seed,
+                        reference=zeroed_reference(prep.model, a, removed))
         macs_after, params_after = count_model(pruned, prep.input_shapes)
     recovery = None
     if options.recalibrate_bn or options.finetune is not None:
@@ -267,8 +273,9 @@ def _recover(prep: Prepared, plan: PruningPlan, pruned: onnx.ModelProto, options
     with _timed(times, "recover"):
         rec = recover(prep.model, pruned, prep.analysis, removed, data, recalibrate=options.recalibrate_bn,
                       finetune_options=options.finetune, batch_size=options.batch_size, device=options.device)
+    rec_model = restore_storage_dtypes(rec.model, prep.original)
     with _timed(times, "verify"):
-        result = verify(rec.model, prep.original, prep.input_shapes, seed=options.seed)
+        result = verify(rec_model, prep.original, prep.input_shapes, seed=options.seed)
     info = dict(rec.info)
     with _timed(times, "recover_eval"):
         sub = data.subset(RECOVERY_EVAL_SAMPLES, options.seed)
@@ -278,7 +285,7 @@ def _recover(prep: Prepared, plan: PruningPlan, pruned: onnx.ModelProto, options
         "samples": len(sub), "reference_accuracy": after.reference_accuracy,
         "before": {"accuracy": before.accuracy, "agreement": before.agreement},
         "after": {"accuracy": after.accuracy, "agreement": after.agreement}}
-    return rec.model, result, info
+    return rec_model, result, info
 
 
 def _declared_input_shape(model: onnx.ModelProto) -> list[int | None] | None:

@@ -50,7 +50,7 @@ def _criterion_args(criterion: str, cpmc_a: float, cpmc_b: float, loss: str, ens
 @click.option("--no-bench", is_flag=True, help="Skip the onnxruntime latency measurement.")
 @click.option("--bench-repeat", type=int, default=30, show_default=True, help="Timed runs per model.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads for the benchmark.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 @click.option("--cpmc-a", type=float, default=0.5, show_default=True, help="cpmc: exponent of the MACs term.")
 @click.option("--cpmc-b", type=float, default=0.5, show_default=True, help="cpmc: exponent of the params term.")
 @click.option("--strict-target", is_flag=True, help="Fail when the target is out of reach.")
