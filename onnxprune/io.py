@@ -84,11 +84,11 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     Raises:
         ModelLoadError: the file is missing, is a directory or anything but a regular file
             (a FIFO, a device), cannot be read, is not an ONNX model, is truncated/corrupt, or its external data is missing.
-        UnsupportedModelError: the default-domain opset is missing or outside
+        UnsupportedModelError: IR version below 3, the default-domain opset is missing or outside
             ``MIN_OPSET..MAX_OPSET`` (9 to 21), or the graph has no input or no output.
     """
+    data = read_user_file(path, ModelLoadError, "an ONNX file")
     p = Path(path)
-    data = read_user_file(p, ModelLoadError, "an ONNX file")
     if not data:
         raise ModelLoadError(f"{p}: file is empty, not an ONNX model")
     model = onnx.ModelProto()
@@ -112,6 +112,9 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
         raise ModelLoadError(f"{p}: cannot load external data ({first_line(exc)})") from exc
 
+    if model.ir_version < 3:
+        raise UnsupportedModelError(f"{p}: the input model is invalid: IR version {model.ir_version} cannot import "
+                                    "opsets (IR 3 or later is needed)")
     opset = default_opset(model)
     if opset is None:
         raise UnsupportedModelError(f"{p}: the model imports no opset of the default ONNX domain")

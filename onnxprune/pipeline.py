@@ -21,7 +21,7 @@ from onnxprune.runtime.latency import measure_latency
 from onnxprune.canonicalize import canonicalize, restore_storage_dtypes
 from onnxprune.criteria import get_criterion
 from onnxprune.data import CalibrationData
-from onnxprune.errors import OnnxPruneError, PlanError
+from onnxprune.errors import ModelLoadError, OnnxPruneError, PlanError
 from onnxprune.inputs import resolve_input_shapes
 from onnxprune.io import check_model_output, default_output_path, load_model, save_model
 from onnxprune.runtime.latency_search import search_latency
@@ -168,6 +168,8 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
         ``strict_target``, an output path equal to the input, or a failed verification.
         Nothing is written unless every stage succeeded.
     """
+    if not str(input_path):
+        raise ModelLoadError("the model path is empty")
     input_path = Path(input_path)
     out_path = Path(output_path) if output_path is not None else default_output_path(input_path)
     check_model_output(output_path if output_path is not None else out_path, [input_path],
@@ -223,7 +225,9 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
         macs_after, params_after = count_model(pruned, prep.input_shapes)
     recovery = None
     if options.recalibrate_bn or options.finetune is not None:
+        oracle = result.oracle  # the surgery oracle checks the cut, before recovery changes weights
         pruned, result, recovery = _recover(prep, plan, pruned, options, times)
+        result = dataclasses.replace(result, oracle=oracle)
     warnings = list(prep.warnings) + list(plan.warnings)
     if abs(macs_after - plan.macs_after) > 0.005 * max(plan.macs_after, 1):
         warnings.append(f"measured MACs after pruning ({macs_after}) differ from the plan's ({plan.macs_after})")

@@ -131,7 +131,7 @@ def bench(models, providers, batches, threads, warmup, repeat, input_shape, repo
         sizes = parse_batches(batches)
         shapes = input_shapes(input_shape)
         out, err = Console(), Console(stderr=True)
-        provs, skipped = _providers(providers, err)
+        provs, skipped = _providers(providers, out)  # skipped providers are results: stdout
         if channel_sweep:
             data = _sweep(models, provs, shapes, threads, sweep_top, sweep_window, verbose, out, err)
         else:

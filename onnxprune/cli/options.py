@@ -47,6 +47,10 @@ def user_errors(fn: Callable) -> Callable:
         except OnnxPruneError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except MemoryError:  # an allocation the budget could not foresee (e.g. inside onnxruntime)
+            click.echo("error: out of memory; give smaller input shapes, fewer samples or a smaller "
+                       "--batch-size", err=True)
+            sys.exit(2)
 
     return max_memory_option(wrapper)
 
