@@ -229,6 +229,8 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
         pruned, result, recovery = _recover(prep, plan, pruned, options, times)
         result = dataclasses.replace(result, oracle=oracle)
     warnings = list(prep.warnings) + list(plan.warnings)
+    if result.oracle is not None and result.oracle["status"] != "passed":
+        warnings.append(result.oracle["message"])
     if abs(macs_after - plan.macs_after) > 0.005 * max(plan.macs_after, 1):
         warnings.append(f"measured MACs after pruning ({macs_after}) differ from the plan's ({plan.macs_after})")
     lat_before = lat_after = None
