@@ -1,6 +1,6 @@
 """``python -m onnxprune``: the command line (also under torchrun)."""
 
-from onnxprune.cli import main
+from onnxprune.entry import main
 
 if __name__ == "__main__":
     main()

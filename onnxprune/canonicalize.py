@@ -33,7 +33,12 @@ f. Nodes are sorted topologically (stable: the original order is kept where the
    :attr:`CanonicalResult.warnings`.
 
 Nested subgraphs (If/Loop/Scan bodies) and functions are left as they are, except
-that references to renamed outer-scope tensors are updated.
+that references to renamed outer-scope tensors are updated; constant folding does not
+enter them and is dropped (with a warning) if it would remove a tensor they read.
+
+Folding widens weights stored as fp16/bf16 behind a ``Cast``; after surgery,
+:func:`restore_storage_dtypes` stores them in their original type again, so a pruned
+model is never bigger per weight than its input.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["CanonicalResult", "canonicalize"]
+__all__ = ["CanonicalResult", "canonicalize", "restore_storage_dtypes", "storage_casts"]
 
 # ConstantOfShape outputs with more elements than this are left as nodes (memory guard).
 _MAX_MATERIALIZED_ELEMENTS = 1 << 28
@@ -312,6 +317,30 @@ def _may_fold(graph: onnx.GraphProto) -> bool:
     return False
 
 
+def _has_subgraphs(graph: onnx.GraphProto) -> bool:
+    return any(True for node in graph.node for _ in _subgraphs(node))
+
+
+def _restore_subgraphs(before: onnx.GraphProto, after: onnx.GraphProto) -> bool:
+    """Put the original subgraphs back on ``after``'s nodes (folding does not enter them and
+    graphsurgeon's export renames their tensors); True when every tensor they read from the
+    outer scope is still defined in ``after``."""
+    original = {n.name: n for n in before.node if n.name and any(True for _ in _subgraphs(n))}
+    defined = {i.name for i in after.input} | {t.name for t in after.initializer}
+    defined |= {o for n in after.node for o in n.output}
+    for node in after.node:
+        if not any(True for _ in _subgraphs(node)):
+            continue
+        src = original.get(node.name)
+        if src is None:
+            return False
+        del node.attribute[:]
+        node.attribute.extend(src.attribute)
+        if not _node_reads(node) <= defined:
+            return False
+    return True
+
+
 def _fold_constants(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     """Rule d, in place. Returns ``(changes, warnings)``."""
     import onnx_graphsurgeon as gs
@@ -327,11 +356,14 @@ def _fold_constants(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     logger = gs.logger.G_LOGGER
     old_severity = logger.severity
     logger.severity = logger.ERROR
+    nested = _has_subgraphs(model.graph)
     try:
-        graph = gs.import_onnx(model)
+        source = onnx.ModelProto()
+        source.CopyFrom(model)  # graphsurgeon's import renames subgraph tensors in place
+        graph = gs.import_onnx(source)
         graph.fold_constants(
             fold_shapes=True,
-            recurse_subgraphs=True,
+            recurse_subgraphs=False,
             error_ok=True,
             recurse_functions=False,
             should_exclude_node=lambda node: node.op in _NEVER_FOLD,
@@ -350,6 +382,8 @@ def _fold_constants(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     # Keep inputs/outputs exactly as declared (graphsurgeon may rewrite their shapes);
     # the rest of the model (IR version, opsets, metadata, functions) is untouched.
     new_graph = folded.graph
+    if nested and not _restore_subgraphs(model.graph, new_graph):
+        return [], ["constant folding skipped (it would break the If/Loop/Scan subgraphs)"]
     del new_graph.input[:]
     new_graph.input.extend(model.graph.input)
     del new_graph.output[:]
@@ -506,3 +540,67 @@ def canonicalize(model: onnx.ModelProto, *, fold: bool = True) -> CanonicalResul
     work, infer_warnings = _infer_shapes(work)
     warnings += infer_warnings
     return CanonicalResult(model=work, changes=tuple(changes), warnings=tuple(warnings))
+
+
+# ------------------------------------------------------------------ storage dtypes
+
+
+_NARROW_FLOATS = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+def storage_casts(model: onnx.ModelProto) -> dict[str, tuple[str, int, str]]:
+    """Initializers stored in a narrow float type and widened by a Cast (fp16 weights behind
+    ``Cast(to=FLOAT)``), which constant folding turns into wide initializers.
+
+    Returns:
+        ``{Cast output name: (initializer name, storage data type, Cast node name)}``.
+    """
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    out: dict[str, tuple[str, int, str]] = {}
+    for node in model.graph.node:
+        if node.op_type == "Cast" and len(node.input) == 1 and node.input[0] in inits:
+            if inits[node.input[0]] in _NARROW_FLOATS and node.output and node.output[0]:
+                out[node.output[0]] = (node.input[0], inits[node.input[0]], node.name or f"Cast_{node.output[0]}")
+    return out
+
+
+def restore_storage_dtypes(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Store again in its original narrow type every weight that ``original`` kept in fp16 /
+    bf16 behind a Cast and canonicalisation widened (:func:`storage_casts`): the initializer
+    goes back to its storage type and name, and a Cast in front of the first node restores
+    the wide tensor. ``model`` is not changed; it is returned as is when there is nothing to do.
+
+    The values of such weights came from the narrow type, so the round trip is exact unless
+    they were trained since (then they are rounded to the storage type, as the input stored them).
+    """
+    casts = storage_casts(original)
+    if not casts:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    taken |= {i.name for i in graph.input}
+    node_names = {n.name for n in graph.node}
+    new_nodes = []
+    for i, t in enumerate(graph.initializer):
+        if t.name not in casts:
+            continue
+        src_name, storage, cast_name = casts[t.name]
+        if src_name in taken or cast_name in node_names:
+            continue
+        wide = numpy_helper.to_array(t)
+        if storage == onnx.TensorProto.BFLOAT16:
+            import ml_dtypes
+
+            narrow = numpy_helper.from_array(wide.astype(ml_dtypes.bfloat16), src_name)
+        else:
+            narrow = numpy_helper.from_array(wide.astype(np.float16), src_name)
+        new_nodes.append(helper.make_node("Cast", [src_name], [t.name], name=cast_name, to=t.data_type))
+        graph.initializer[i].CopyFrom(narrow)
+        taken.add(src_name)
+    if new_nodes:
+        old = list(graph.node)
+        del graph.node[:]
+        graph.node.extend(new_nodes + old)
+    return out

@@ -16,6 +16,7 @@ range) raises :class:`~onnxprune.errors.DataError` before any scoring starts.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxprune.errors import DataError
+from onnxprune.errors import DataError, OnnxPruneError, first_line
+from onnxprune.io import read_user_file
+from onnxprune.safety import check_allocation
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -156,21 +159,61 @@ def load_calibration(path: str | os.PathLike, *, image_size: tuple[int, int] | N
         DataError: see the module docstring.
     """
     p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: no such file or folder")
-    if p.is_dir():
+    if not str(path):
+        raise DataError("--data: the path is empty")
+    try:
+        is_dir = p.is_dir()
+    except OSError as e:
+        raise DataError(f"{p}: cannot be read ({e.strerror or first_line(e)})") from None
+    if is_dir:
         return _load_images(p, image_size, mean, std, scale, channel_order, grayscale)
+    if p.suffix not in (".npz", ".npy"):
+        if not p.exists():
+            raise DataError(f"{p}: no such file or folder")
+        raise DataError(f"{p}: calibration data must be a .npz, a .npy or a folder of images")
+    raw = read_user_file(p, DataError, "a .npz or .npy file")
     try:
         if p.suffix == ".npz":
-            with np.load(p, allow_pickle=False) as z:
+            with np.load(io.BytesIO(raw), allow_pickle=False) as z:
                 if "x" not in z:
                     raise DataError(f"{p}: the .npz has no array 'x' (arrays: {', '.join(z.files) or 'none'})")
+                for key in ("x", "y"):
+                    if key in z:
+                        with z.zip.open(f"{key}.npy") as member:
+                            _check_npy_size(member, f"{p}: array {key!r}")
                 return _validate(z["x"], z["y"] if "y" in z else None, str(p))
-        if p.suffix == ".npy":
-            return _validate(np.load(p, allow_pickle=False), None, str(p))
-    except (ValueError, OSError) as e:
-        raise DataError(f"{p}: cannot be read as numpy data ({e})") from None
-    raise DataError(f"{p}: calibration data must be a .npz, a .npy or a folder of images")
+        _check_npy_size(io.BytesIO(raw), f"{p}: array 'x'")
+        return _validate(np.load(io.BytesIO(raw), allow_pickle=False), None, str(p))
+    except OnnxPruneError:
+        raise
+    except Exception as e:  # numpy and zipfile raise many types (BadZipFile, EOFError, ...)
+        raise DataError(f"{p}: cannot be read as numpy data ({type(e).__name__}: {first_line(e)})") from None
+
+
+def _check_npy_size(fileobj, what: str) -> None:
+    """Read a .npy header and check the array against the memory budget (as float32 too)."""
+    fmt = np.lib.format
+    version = fmt.read_magic(fileobj)
+    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, _, dtype = read(fileobj)
+    n = 1
+    for d in shape:
+        n *= int(d)
+    check_allocation(n * (max(dtype.itemsize, 4) + 4), f"{what} of shape {list(shape)} ({dtype})")
+
+
+def _per_channel(values: Sequence[float], c: int, option: str) -> np.ndarray:
+    """``--mean`` / ``--std`` as float32 [c, 1, 1]: one value for all channels or one per channel.
+
+    Raises:
+        DataError: another count of values, or a value that is not finite.
+    """
+    v = np.asarray(values, dtype=np.float32).ravel()
+    if v.size not in (1, c):
+        raise DataError(f"{option} has {v.size} values; the images have {c} channel(s): give 1 or {c}")
+    if not np.isfinite(v).all():
+        raise DataError(f"{option}: values must be finite numbers")
+    return np.broadcast_to(v, (c,)).reshape(c, 1, 1)
 
 
 def _load_images(folder: Path, image_size, mean, std, scale, channel_order, grayscale) -> CalibrationData:
@@ -192,16 +235,23 @@ def _load_images(folder: Path, image_size, mean, std, scale, channel_order, gray
         raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
     h, w = image_size
     c = 1 if grayscale else 3
-    m = np.broadcast_to(np.asarray(mean, dtype=np.float32), (c,)).reshape(c, 1, 1)
-    s = np.broadcast_to(np.asarray(std, dtype=np.float32), (c,)).reshape(c, 1, 1)
+    if h < 1 or w < 1:
+        raise DataError(f"--image-size {h},{w}: both sizes must be positive")
+    check_allocation(len(files) * c * h * w * 4, f"{folder}: {len(files)} images at --image-size {h},{w}")
+    m = _per_channel(mean, c, "--mean")
+    s = _per_channel(std, c, "--std")
+    if not np.all(s != 0):
+        raise DataError(f"--std {','.join(str(v) for v in std)}: a standard deviation is zero")
+    if not np.isfinite(scale) or scale == 0:
+        raise DataError(f"--scale {scale}: must be a finite, nonzero number")
     x = np.empty((len(files), c, h, w), dtype=np.float32)
     for i, (f, _) in enumerate(files):
         try:
             with Image.open(f) as im:
                 arr = np.asarray(im.convert("L" if grayscale else "RGB").resize((w, h), Image.BILINEAR),
                                  dtype=np.float32)
-        except OSError as e:
-            raise DataError(f"{f}: cannot be read as an image ({e})") from None
+        except Exception as e:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...
+            raise DataError(f"{f}: cannot be read as an image ({type(e).__name__}: {first_line(e)})") from None
         arr = arr[None] if grayscale else arr.transpose(2, 0, 1)
         if channel_order == "BGR" and not grayscale:
             arr = arr[::-1]

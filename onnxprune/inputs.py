@@ -21,8 +21,9 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import InputShapeError, UnsupportedModelError
+from onnxprune.safety import check_allocation
 
-__all__ = ["DEFAULT_SPATIAL", "graph_inputs", "parse_input_shape", "resolve_input_shapes", "make_inputs"]
+__all__ = ["DEFAULT_SPATIAL", "graph_inputs", "parse_input_shape", "resolve_input_shapes", "make_inputs", "tensor_bytes"]
 
 #: Value used for unknown (symbolic) dims other than dim 0.
 DEFAULT_SPATIAL = 224
@@ -144,6 +145,21 @@ def resolve_input_shapes(
     return result
 
 
+def tensor_bytes(shape, itemsize: int = 4) -> int:
+    """Bytes of a dense tensor of ``shape`` (Python ints: no overflow for absurd dims)."""
+    n = 1
+    for d in shape:
+        n *= max(int(d), 0)
+    return n * int(itemsize)
+
+
+def _itemsize(vi: onnx.ValueInfoProto) -> int:
+    try:
+        return int(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)).itemsize) or 4
+    except (KeyError, TypeError, ValueError):
+        return 4
+
+
 def make_inputs(
     model: onnx.ModelProto,
     shapes: Mapping[str, tuple[int, ...]],
@@ -165,11 +181,20 @@ def make_inputs(
 
     Raises:
         InputShapeError: an input has no entry in ``shapes``.
+        OnnxPruneError: the inputs would exceed the memory budget
+            (:func:`onnxprune.safety.check_allocation`), checked before anything is allocated.
         UnsupportedModelError: an input is not a tensor or has a dtype numpy cannot
             hold (string, bfloat16, float8, ...).
     """
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
+    total = 0
+    for vi in graph_inputs(model):
+        if vi.name in shapes:
+            nbytes = tensor_bytes(shapes[vi.name], _itemsize(vi))
+            total += nbytes
+            check_allocation(nbytes, f"random input {vi.name!r} of shape {_fmt(tuple(shapes[vi.name]))}")
+    check_allocation(total, "the random inputs")
     for vi in graph_inputs(model):
         if vi.name not in shapes:
             raise InputShapeError(f"no shape given for input {vi.name!r}")

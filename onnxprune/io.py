@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from onnxprune.errors import ModelLoadError, OutputPathError, UnsupportedModelError, first_line
+from onnxprune.safety import active_transaction
 
 __all__ = [
     "MIN_OPSET",
@@ -80,20 +82,13 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         The loaded :class:`onnx.ModelProto` with all tensor data in memory.
 
     Raises:
-        ModelLoadError: the file is missing, is a directory, cannot be read, is not
-            an ONNX model, is truncated/corrupt, or its external data is missing.
-        UnsupportedModelError: the default-domain opset is missing or outside
+        ModelLoadError: the file is missing, is a directory or anything but a regular file
+            (a FIFO, a device), cannot be read, is not an ONNX model, is truncated/corrupt, or its external data is missing.
+        UnsupportedModelError: IR version below 3, the default-domain opset is missing or outside
             ``MIN_OPSET..MAX_OPSET`` (9 to 21), or the graph has no input or no output.
     """
+    data = read_user_file(path, ModelLoadError, "an ONNX file")
     p = Path(path)
-    if not p.exists():
-        raise ModelLoadError(f"{p}: no such file")
-    if p.is_dir():
-        raise ModelLoadError(f"{p}: is a directory, not an ONNX file")
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise ModelLoadError(f"{p}: cannot be read ({exc.strerror or first_line(exc)})") from exc
     if not data:
         raise ModelLoadError(f"{p}: file is empty, not an ONNX model")
     model = onnx.ModelProto()
@@ -117,6 +112,9 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
         raise ModelLoadError(f"{p}: cannot load external data ({first_line(exc)})") from exc
 
+    if model.ir_version < 3:
+        raise UnsupportedModelError(f"{p}: the input model is invalid: IR version {model.ir_version} cannot import "
+                                    "opsets (IR 3 or later is needed)")
     opset = default_opset(model)
     if opset is None:
         raise UnsupportedModelError(f"{p}: the model imports no opset of the default ONNX domain")
@@ -132,12 +130,50 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+def read_user_file(path: str | os.PathLike, error: type[Exception], kind: str) -> bytes:
+    """The bytes of a file the user named, read only when it is a regular file, and never
+    more than its size at open time (a growing file or a device cannot make it unbounded).
+
+    Args:
+        path: the file.
+        error: the exception class raised (e.g. ModelLoadError, DataError).
+        kind: what the file should be, for messages (``"an ONNX file"``).
+
+    Raises:
+        error: empty path, missing, a directory, not a regular file (FIFO, socket, device),
+            no permission, or a read failure; the message names the file.
+    """
+    p = Path(path)
+    if not str(path):
+        raise error("the path is empty: give " + kind)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise error(f"{p}: no such file") from None
+    except OSError as exc:
+        raise error(f"{p}: cannot be read ({exc.strerror or first_line(exc)})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"{p}: is a directory, not {kind}")
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{p}: is not a regular file (a FIFO, socket or device), not {kind}")
+    try:
+        with open(p, "rb") as fh:
+            return fh.read(st.st_size)
+    except OSError as exc:
+        raise error(f"{p}: cannot be read ({exc.strerror or first_line(exc)})") from None
+
+
 def default_output_path(input_path: str | os.PathLike) -> Path:
     """Return ``<stem>.pruned.onnx`` in the folder of ``input_path``.
 
     Example: ``models/resnet.onnx`` -> ``models/resnet.pruned.onnx``.
+
+    Raises:
+        ModelLoadError: ``input_path`` is empty or names no file (``''``, ``'/'``).
     """
     p = Path(input_path)
+    if not str(input_path) or not p.name:
+        raise ModelLoadError(f"{str(input_path)!r}: not a model file path")
     return p.with_name(f"{p.stem}.pruned.onnx")
 
 
@@ -147,7 +183,10 @@ def _same_file(a: Path, b: Path) -> bool:
             return os.path.samefile(a, b)
     except OSError:
         pass
-    return a.resolve() == b.resolve()
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):
+        return os.path.abspath(a) == os.path.abspath(b)
 
 
 def save_model(
@@ -198,13 +237,21 @@ def save_model(
             onnx.save_model(big, str(tmp_model))
             tmp_data = Path(tmp_dir) / data_name
             if tmp_data.exists():
-                os.replace(tmp_data, folder / data_name)
+                if active_transaction() is not None:
+                    active_transaction().stage(tmp_data, folder / data_name)
+                else:
+                    os.replace(tmp_data, folder / data_name)
         else:
             with open(tmp_model, "wb") as fh:
                 fh.write(model.SerializeToString())
                 fh.flush()
                 os.fsync(fh.fileno())
-        os.replace(tmp_model, out)
+        tx = active_transaction()
+        if tx is not None:  # moved into place when the whole run succeeded
+            tx.stage(tmp_model, out, scratch=Path(tmp_dir))
+            tmp_dir = None
+        else:
+            os.replace(tmp_model, out)
     except OSError as exc:
         raise OutputPathError(f"{out}: cannot write ({exc.strerror or first_line(exc)})") from exc
     except ValueError as exc:
@@ -217,7 +264,8 @@ def save_model(
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically: a temp file in the same folder,
-    fsync, then :func:`os.replace`. Nothing is left behind on failure.
+    fsync, then :func:`os.replace` (inside :func:`onnxprune.safety.staged_outputs`: at the end
+    of the block, with the run's other outputs). Nothing is left behind on failure.
 
     Raises:
         OutputPathError: the folder does not exist or the file cannot be written.
@@ -229,11 +277,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     except OSError as exc:
         raise OutputPathError(f"{path}: cannot write ({exc.strerror or first_line(exc)})") from exc
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 is for secrets, not reports
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        tx = active_transaction()
+        if tx is not None:  # moved into place when the whole run succeeded
+            tx.stage(Path(tmp), path)
+        else:
+            os.replace(tmp, path)
     except BaseException as exc:
         try:
             os.unlink(tmp)
@@ -272,16 +327,38 @@ def check_model_output(path: str | os.PathLike, inputs, *, clash: str | None = N
             wording names the clashing input).
 
     Raises:
-        OutputPathError: ``path`` is one of ``inputs``, is a directory, or its folder does
-            not exist.
+        OutputPathError: ``path`` is empty, one of ``inputs``, a directory (or ends with
+            ``/``), not a regular file, not writable, or its folder does not exist or is
+            not writable.
     """
-    p = Path(path).expanduser()
+    raw = os.fspath(path)
+    if not raw:
+        raise OutputPathError("the output path is empty")
+    p = Path(raw).expanduser()
+    if raw.endswith(("/", os.sep)) and not p.is_dir():
+        raise OutputPathError(f"{raw}: names a folder (trailing '/'), not a file; folder {p} does not exist")
     for m in inputs:
-        if m is not None and _same_file(p, Path(m).expanduser()):
+        if m is not None and str(m) and _same_file(p, Path(m).expanduser()):
             raise OutputPathError(f"{p}: " + (clash or f"output path is an input model ({m}); refusing to overwrite it"))
-    if p.is_dir():
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise OutputPathError(f"{p}: cannot be written ({exc.strerror or first_line(exc)})") from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
         raise OutputPathError(f"{p}: {directory}")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise OutputPathError(f"{p}: exists and is not a regular file (a FIFO, socket or device)")
     folder = p.parent if str(p.parent) else Path(".")
-    if not folder.is_dir():
+    try:
+        folder_ok = folder.is_dir()
+    except OSError:
+        folder_ok = False
+    if not folder_ok:
         raise OutputPathError(f"{p}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{p}: folder {folder} is not writable")
+    if st is not None and not os.access(p, os.W_OK):
+        raise OutputPathError(f"{p}: exists and is not writable")
     return p

@@ -12,27 +12,33 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from onnxprune.analysis import Analysis, analyze
 from onnxprune.runtime.latency import measure_latency
-from onnxprune.canonicalize import canonicalize
+from onnxprune.canonicalize import canonicalize, restore_storage_dtypes
 from onnxprune.criteria import get_criterion
 from onnxprune.data import CalibrationData
-from onnxprune.errors import OnnxPruneError, OutputPathError, PlanError
+from onnxprune.errors import ModelLoadError, OnnxPruneError, PlanError
 from onnxprune.holdout import HeldOutMetric, Split, split_holdout
 from onnxprune.inputs import resolve_input_shapes
-from onnxprune.io import default_output_path, load_model, save_model
+from onnxprune.io import check_model_output, default_output_path, load_model, save_model
 from onnxprune.runtime.latency_search import search_latency
 from onnxprune.planning import ROUND_TO_AUTO, PlanOptions, PruningPlan, Target, TargetKind
-from onnxprune.recover.training import FinetuneOptions
 from onnxprune.report import CompressReport, GroupRow
 from onnxprune.shapes import measure_shapes
 from onnxprune.runtime.verify import VerifyResult, verify
+from onnxprune.surgery import apply_plan
+from onnxprune.surgery.oracle import zeroed_reference
 from onnxprune.schedule import (Milestone, State, StepRecord, StepSetup, auto_steps, guard_milestones, initial_state,
                                 milestones, plan_of_original, run_step)
+
+
+if TYPE_CHECKING:  # recover.training imports torch; an l1 run must not
+    from onnxprune.recover.training import FinetuneOptions
 
 
 @dataclass(frozen=True)
@@ -123,7 +129,7 @@ class CompressOptions:
     device: str = "auto"
     provider: str = "CPUExecutionProvider"
     recalibrate_bn: bool = False
-    finetune: FinetuneOptions | None = None
+    finetune: "FinetuneOptions | None" = None
     auto_epochs: bool = False
     never_slower: bool = False
     use_cache: bool = True
@@ -210,10 +216,12 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
         ``strict_target``, an output path equal to the input, or a failed verification.
         Nothing is written unless every stage succeeded.
     """
+    if not str(input_path):
+        raise ModelLoadError("the model path is empty")
     input_path = Path(input_path)
     out_path = Path(output_path) if output_path is not None else default_output_path(input_path)
-    if out_path.exists() and input_path.exists() and os.path.samefile(out_path, input_path):
-        raise OutputPathError(f"{out_path}: output path is the input model; choose another -o")
+    check_model_output(output_path if output_path is not None else out_path, [input_path],
+                       clash="output path is the input model; choose another -o")
     crit_args = dict(options.criterion_args)
     if options.criterion == "random":
         crit_args.setdefault("seed", options.seed)
@@ -247,11 +255,13 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
         if options.strict_target:
             raise PlanError(f"target {options.target} is out of reach: reached {options.target.kind.value}="
                             f"{reachable:.3f}")
-    pruned = state.model
+    pruned = restore_storage_dtypes(state.model, prep.original)
     with _timed(times, "verify"):
-        result = verify(pruned, prep.original, prep.input_shapes, seed=options.seed)
+        result = _verify(prep, final_plan, pruned, recovered=any(r.recovery for r in records), seed=options.seed)
         macs_after, params_after = state.macs, state.params
     warnings = list(prep.warnings) + warnings
+    if result.oracle is not None and result.oracle["status"] != "passed":
+        warnings.append(result.oracle["message"])
     lat_before = lat_after = None
     if last_search is not None and len(records) == 1:  # the search measured the written model already
         lat_before, lat_after = last_search.before, last_search.after
@@ -417,6 +427,23 @@ class _Run:
             train = {"samples": len(sub), "original": tm.original_value, "final": tm.measure(state.model)}
         return {**m.to_dict(), "source": self.split.source, "final": final, "drop": m.drop(final),
                 "max_drop": self.options.max_drop, "train": train}
+
+
+def _verify(prep: Prepared, plan: PruningPlan, model: onnx.ModelProto, *, recovered: bool,
+            seed: int) -> VerifyResult:
+    """Verify the written model against the original, with the surgery oracle on the cut.
+
+    The oracle (the original with the removed channels zeroed) checks the composed plan
+    applied to the original in one go; when recovery changed weights since, that pure cut
+    is verified for the oracle and the written model for everything else.
+    """
+    removed = {g: np.asarray(v) for g, v in plan.removed.items()}
+    reference = zeroed_reference(prep.model, prep.analysis, removed)
+    if not recovered:
+        return verify(model, prep.original, prep.input_shapes, seed=seed, reference=reference)
+    cut = restore_storage_dtypes(apply_plan(prep.model, prep.analysis, removed), prep.original)
+    oracle = verify(cut, prep.original, prep.input_shapes, seed=seed, reference=reference).oracle
+    return dataclasses.replace(verify(model, prep.original, prep.input_shapes, seed=seed), oracle=oracle)
 
 
 def _check_options(criterion, options: CompressOptions) -> None:

@@ -29,8 +29,13 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    """Write ``fig`` as PNG atomically (temp file in the same folder, then rename)."""
+    """Write ``fig`` as PNG atomically: a temp file in the same folder, then a rename (inside
+    :func:`onnxprune.safety.staged_outputs`: with the run's other outputs, when it succeeded)."""
     import tempfile
+
+    import matplotlib.pyplot as plt
+
+    from onnxprune.safety import active_transaction
 
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -38,7 +43,11 @@ def _save(fig, path: str | os.PathLike) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
+        tx = active_transaction()
+        if tx is not None:
+            tx.stage(Path(tmp), path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -46,8 +55,6 @@ def _save(fig, path: str | os.PathLike) -> Path:
             pass
         raise
     finally:
-        import matplotlib.pyplot as plt
-
         plt.close(fig)
     return path
 

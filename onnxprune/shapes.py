@@ -18,7 +18,8 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import InputShapeError, UnsupportedModelError, first_line
-from onnxprune.inputs import graph_inputs, make_inputs
+from onnxprune.inputs import graph_inputs, make_inputs, tensor_bytes
+from onnxprune.safety import check_allocation
 
 __all__ = ["measure_shapes"]
 
@@ -61,6 +62,47 @@ def _session(probe: onnx.ModelProto):
         return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
+def activation_bytes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Bytes of every node output of the top-level graph whose shape ONNX shape inference
+    finds with these input shapes (an estimate from below: unknown shapes count 0).
+
+    Large initializers are replaced by inputs of the same type for the inference, so it
+    costs little even for big models. Never raises: a failed inference gives 0.
+    """
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    graph = skeleton.graph
+    del graph.value_info[:]
+    big = [i for i, t in enumerate(graph.initializer) if int(np.prod(t.dims, dtype=np.float64)) > 4096]
+    for i in reversed(big):
+        t = graph.initializer[i]
+        graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        del graph.initializer[i]
+    for vi in graph.input:
+        if vi.name in input_shapes and vi.type.HasField("tensor_type"):
+            shape = vi.type.tensor_type.shape
+            del shape.dim[:]
+            for d in input_shapes[vi.name]:
+                shape.dim.add().dim_value = int(d)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+    except Exception:  # an estimate only
+        return 0
+    total = 0
+    for vi in inferred.graph.value_info:
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if all(d is not None for d in dims):
+            try:
+                size = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize
+            except (KeyError, TypeError, ValueError):
+                size = 4
+            total += tensor_bytes(dims, size)
+    return total
+
+
 def measure_shapes(
     model: onnx.ModelProto,
     input_shapes: Mapping[str, tuple[int, ...]],
@@ -86,6 +128,8 @@ def measure_shapes(
             names the inputs and shapes.
         UnsupportedModelError: onnxruntime cannot build a session for the model, or
             an input dtype cannot be fed.
+        OnnxPruneError: the inputs or the activations would exceed the memory budget
+            (:func:`onnxprune.safety.check_allocation`).
     """
     real = [vi.name for vi in graph_inputs(model)]
     unknown = sorted(set(input_shapes) - set(real))
@@ -102,6 +146,9 @@ def measure_shapes(
         shapes[init.name] = tuple(int(d) for d in init.dims)
 
     feeds = make_inputs(model, shapes, seed=seed)
+    check_allocation(activation_bytes(model, {n: shapes[n] for n in real}),
+                     f"running the model at input shapes {_fmt_shapes({n: shapes[n] for n in real})} "
+                     f"(every activation, by static shape inference)")
     probe = _probe_model(model)
     try:
         sess = _session(probe)

@@ -11,6 +11,7 @@ import onnx_graphsurgeon as gs
 from onnxprune.analysis.context import AnalysisContext
 from onnxprune.analysis.groups import Analysis, build_analysis
 from onnxprune.ops.registry import get_handler
+from onnxprune.subgraphs import import_graph, outer_reads
 
 
 def model_opset(model: onnx.ModelProto) -> int:
@@ -37,11 +38,16 @@ def analyze(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> An
     Returns:
         The :class:`Analysis`: groups, tensor channel maps and cost terms.
     """
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
     graph.toposort()
     opset = model_opset(model)
     ctx = AnalysisContext(graph, dict(shapes), opset)
+    nested = outer_reads(model.graph)
+    tensors = graph.tensors() if nested else {}
     for node in graph.nodes:
+        for name in sorted(nested.get(node.name, ())):  # subgraphs are not pruned: what they read is fixed
+            if name in tensors:
+                ctx.block(tensors[name], f"read inside a subgraph of {node.op} node {node.name}")
         handler = get_handler(node.op, opset, node.domain or "")
         if handler is None:
             ctx.block_inputs(node, f"no handler for op {node.op} (node {node.name})")

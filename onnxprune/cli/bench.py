@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from onnxprune.cli.options import max_memory_option
 from onnxprune.errors import OnnxPruneError
 from onnxprune.planning import ROUND_TO_AUTO
 
@@ -111,8 +112,9 @@ def _progress(console: Console) -> Progress:
 @click.option("--sweep-top", type=int, default=3, show_default=True, help="Conv shapes swept.")
 @click.option("--sweep-window", type=int, default=48, show_default=True, help="Channel counts per sweep.")
 @click.option("-v", "--verbose", is_flag=True, help="Channel sweep: print every count of every step table.")
+@max_memory_option
 def bench(models, providers, batches, threads, warmup, repeat, input_shape, report_path, channel_sweep, sweep_top,
-          sweep_window, verbose):
+          sweep_window, verbose, max_memory):
     """Measure onnxruntime latency (median, p90) and peak memory of MODELS; the speedup of each
     model is against the first."""
     from onnxprune.cli.options import input_shapes, user_errors
@@ -129,7 +131,7 @@ def bench(models, providers, batches, threads, warmup, repeat, input_shape, repo
         sizes = parse_batches(batches)
         shapes = input_shapes(input_shape)
         out, err = Console(), Console(stderr=True)
-        provs, skipped = _providers(providers, err)
+        provs, skipped = _providers(providers, out)  # skipped providers are results: stdout
         if channel_sweep:
             data = _sweep(models, provs, shapes, threads, sweep_top, sweep_window, verbose, out, err)
         else:
@@ -139,7 +141,7 @@ def bench(models, providers, batches, threads, warmup, repeat, input_shape, repo
 
             write_text_atomic(report_path, json.dumps(data, indent=1, allow_nan=False) + "\n")
 
-    run()
+    run(max_memory=max_memory)
 
 
 def _bench(models, provs, sizes, threads, warmup, repeat, shapes, skipped, out: Console, err: Console) -> dict:

@@ -72,9 +72,9 @@ def _int_or_auto(value: str, option: str, *, minimum: int) -> int | str:
 @click.option("--plot", "plot_path", type=click.Path(), default=None,
               help="Draw the trade-off curve (held-out figure vs latency and MACs, one point per step) as PNG.")
 @click.option("--no-bench", is_flag=True, help="Skip the onnxruntime latency measurement.")
-@click.option("--bench-repeat", type=int, default=30, show_default=True, help="Timed runs per model.")
-@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads for the benchmark.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--bench-repeat", type=click.IntRange(min=1), default=30, show_default=True, help="Timed runs per model.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads for the benchmark.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 @click.option("--cpmc-a", type=float, default=0.5, show_default=True, help="cpmc: exponent of the MACs term.")
 @click.option("--cpmc-b", type=float, default=0.5, show_default=True, help="cpmc: exponent of the params term.")
 @click.option("--strict-target", is_flag=True, help="Fail when the target is out of reach.")

@@ -27,16 +27,38 @@ from onnxprune.inputs import parse_input_shape
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Wrap a command body: an OnnxPruneError prints ``error: <message>`` and exits with 2."""
+    """Wrap a command body (and add ``--max-memory`` to the command).
+
+    - an OnnxPruneError prints ``error: <message>`` and exits with 2;
+    - every output the body writes is staged and moved into place only when the body
+      succeeds (:func:`onnxprune.safety.staged_outputs`): a failed or interrupted run
+      leaves nothing behind;
+    - allocations from declared or user-given sizes are checked against ``--max-memory``;
+    - numpy and library warnings are not shown (:func:`onnxprune.safety.quiet_libraries`).
+    """
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args, max_memory: str | None = None, **kwargs):
+        from onnxprune.safety import DEFAULT_MAX_MEMORY, memory_budget, parse_size, quiet_libraries, staged_outputs
+
         try:
-            return fn(*args, **kwargs)
+            budget = DEFAULT_MAX_MEMORY if max_memory is None else parse_size(max_memory)
+            with quiet_libraries(), memory_budget(budget), staged_outputs():
+                return fn(*args, **kwargs)
         except OnnxPruneError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except MemoryError:  # an allocation the budget could not foresee (e.g. inside onnxruntime)
+            click.echo("error: out of memory; give smaller input shapes, fewer samples or a smaller "
+                       "--batch-size", err=True)
+            sys.exit(2)
 
-    return wrapper
+    return max_memory_option(wrapper)
+
+
+max_memory_option = click.option(
+    "--max-memory", "max_memory", default=None, metavar="SIZE",
+    help="Memory budget for arrays allocated from the model's declared sizes or the options (e.g. 4G; "
+         "default: half the RAM, at most 16G).")
 
 
 def input_shapes(specs: tuple[str, ...]) -> dict[str, tuple[int, ...]] | None:
@@ -109,6 +131,8 @@ def load_data(data_path, image_size, mean, std, scale, channel_order, grayscale,
     size = floats(image_size, "--image-size", int)
     if size is not None and len(size) != 2:
         raise OnnxPruneError(f"--image-size {image_size!r}: expected H,W")
+    if size is not None and min(size) < 1:
+        raise OnnxPruneError(f"--image-size {image_size!r}: both sizes must be positive")
     return load_calibration(data_path, image_size=size, mean=floats(mean, "--mean"), std=floats(std, "--std"),
                             scale=scale, channel_order=channel_order, grayscale=grayscale)
 

@@ -32,7 +32,7 @@ _NEEDS_DATA = "a .npz with x [and y], a .npy, or a folder of images"
 @click.option("--report", "report_path", type=click.Path(), default=None, help="Write the results as JSON.")
 @click.option("--batch-size", type=int, default=32, show_default=True,
               help="Samples per onnxruntime run (a model with a fixed batch dim runs that batch).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --samples draw.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed of the --samples draw.")
 @user_errors
 def eval_command(model, data_path, image_size, mean, std, scale, channel_order, grayscale, samples, reference,
                  report_path, batch_size, seed):
@@ -71,7 +71,7 @@ def eval_command(model, data_path, image_size, mean, std, scale, channel_order, 
               help="auto = ce with labels, else kl (classifiers) or mse (other outputs) to the teacher.")
 @click.option("--recalibrate-bn", is_flag=True, help="Re-estimate BatchNormalization statistics before training.")
 @click.option("--device", default="auto", show_default=True, help="Torch side: auto, cpu, cuda or cuda:N.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the batch order and --samples draw.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed of the batch order and --samples draw.")
 @input_shape_option
 @click.option("--report", "report_path", type=click.Path(), default=None, help="Write the results as JSON.")
 @user_errors

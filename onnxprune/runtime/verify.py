@@ -13,7 +13,9 @@ Rules this stage follows, in this order:
    optimisation.
 3. The pruned model's graph inputs and outputs must carry the same names as the
    original's, and every output the same dtype and shape.
-4. The numeric difference per output (max absolute and relative error, cosine
+4. With a surgery oracle reference, the pruned model must compute what the original
+   computes with the removed channels zeroed (:func:`check_oracle`, dtype-aware).
+5. The numeric difference per output (max absolute and relative error, cosine
    similarity, top-1 agreement for ``[N, classes]`` outputs) is recorded as
    information only: pruning is expected to change outputs.
 """
@@ -33,12 +35,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxprune.errors import OnnxPruneError, VerificationError
+from onnxprune.errors import OnnxPruneError, UnsupportedModelError, VerificationError
 from onnxprune.inputs import graph_inputs, make_inputs
 
 __all__ = [
     "OutputFidelity",
     "VerifyResult",
+    "check_oracle",
     "check_providers",
     "make_session",
     "model_source",
@@ -87,13 +90,18 @@ class VerifyResult:
 
     output_shapes: dict[str, tuple[int, ...]]
     fidelity: dict[str, OutputFidelity]
+    oracle: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form: ``{"output_shapes": {name: [dims]}, "outputs": {name: {...}}}``."""
-        return {
+        """JSON-ready form: ``{"output_shapes": {name: [dims]}, "outputs": {name: {...}}}``
+        and, when the surgery oracle ran, ``"oracle": {"status": "passed", ...}``."""
+        d = {
             "output_shapes": {k: list(v) for k, v in self.output_shapes.items()},
             "outputs": {k: v.to_dict() for k, v in self.fidelity.items()},
         }
+        if self.oracle is not None:
+            d["oracle"] = self.oracle
+        return d
 
 
 # --------------------------------------------------------------------------- sessions
@@ -253,13 +261,82 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _check(pruned: onnx.ModelProto) -> None:
-    with model_source(pruned) as source:
-        target = pruned if isinstance(source, bytes) else source
+def _checker_error(model: onnx.ModelProto) -> BaseException | None:
+    with model_source(model) as source:
+        target = model if isinstance(source, bytes) else source
         try:
             onnx.checker.check_model(target, full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-            raise VerificationError(f"pruned model fails the ONNX checker: {_one_line(exc)}") from exc
+            return exc
+    return None
+
+
+def _check(pruned: onnx.ModelProto, original: onnx.ModelProto | None = None) -> None:
+    exc = _checker_error(pruned)
+    if exc is None:
+        return
+    if original is not None:
+        orig_exc = _checker_error(original)
+        if orig_exc is not None:  # not onnxprune's doing: say so
+            raise UnsupportedModelError(f"the input model is invalid: it fails the ONNX checker "
+                                        f"({_one_line(orig_exc)})") from orig_exc
+    raise VerificationError(f"pruned model fails the ONNX checker: {_one_line(exc)}") from exc
+
+
+#: largest accepted ``max|pruned - oracle| / max|oracle|`` per output dtype
+ORACLE_TOLERANCE = {np.dtype(np.float64): 1e-9, np.dtype(np.float32): 1e-4, np.dtype(np.float16): 1e-2}
+BF16_TOLERANCE = 5e-2
+
+
+def _oracle_error(ref: np.ndarray, out: np.ndarray) -> float:
+    """``max|out - ref| / max|ref|`` over finite values (inf when non-finite ones disagree)."""
+    r = np.asarray(ref, dtype=np.float64)
+    o = np.asarray(out, dtype=np.float64)
+    fin = np.isfinite(r)
+    same_nonfinite = np.array_equal(np.isnan(r), np.isnan(o)) and np.array_equal(r[np.isinf(r)], o[np.isinf(r)])
+    if not same_nonfinite or not np.isfinite(o[fin]).all():
+        return float("inf")
+    if not fin.any():
+        return 0.0
+    diff = float(np.abs(o[fin] - r[fin]).max())
+    scale = float(np.abs(r[fin]).max())
+    return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+def check_oracle(reference: onnx.ModelProto, out: Mapping[str, np.ndarray], feeds: Mapping[str, np.ndarray],
+                 providers: Sequence[Provider] = ("CPUExecutionProvider",)) -> dict[str, Any]:
+    """Compare the pruned model's outputs ``out`` with the surgery oracle ``reference`` (the
+    original with removed channels zeroed, :func:`onnxprune.surgery.oracle.zeroed_reference`)
+    run on the same ``feeds``.
+
+    Float outputs must agree to :data:`ORACLE_TOLERANCE` of their dtype (relative to the
+    largest magnitude); integer and bool outputs are not compared.
+
+    Returns:
+        ``{"status": "passed" | "failed", "max_rel_error": {output: error}, "tolerance": {...}}``
+        and, when failed, ``"message"`` naming the first output over its tolerance. A
+        failure is reported, not raised: deep models accumulate rounding differences
+        between a narrower and a masked computation, and the pruned model is still valid.
+    """
+    ref = run_model(reference, feeds, providers, label="surgery oracle")
+    errors: dict[str, float] = {}
+    tols: dict[str, float] = {}
+    message = None
+    for name, o in out.items():
+        r = ref.get(name)
+        if r is None or not (np.issubdtype(o.dtype, np.floating) or o.dtype.name == "bfloat16"):
+            continue
+        tol = BF16_TOLERANCE if o.dtype.name == "bfloat16" else ORACLE_TOLERANCE.get(o.dtype, 1e-4)
+        err = _oracle_error(r, o)
+        errors[name], tols[name] = err, tol
+        if not err <= tol and message is None:
+            message = (f"surgery oracle: output {name!r} of the pruned model differs from the original with the "
+                       f"removed channels zeroed (max relative error {err:.3g} > {tol:g})")
+    out_dict = {"status": "passed" if message is None else "failed", "inputs": "random", "max_rel_error": errors,
+                "tolerance": tols}
+    if message is not None:
+        out_dict["message"] = message
+    return out_dict
 
 
 def _compare_names(kind: str, orig: list[str], pruned: list[str]) -> None:
@@ -308,16 +385,24 @@ def verify(
     *,
     seed: int = 0,
     providers: Sequence[Provider] = ("CPUExecutionProvider",),
+    reference: onnx.ModelProto | None = None,
 ) -> VerifyResult:
     """Check ``pruned``, run it and ``original`` on the same random inputs, compare outputs.
 
     ``input_shapes`` gives the concrete shape of every graph input (see
     :func:`onnxprune.inputs.resolve_input_shapes`). Raises :class:`VerificationError`
     when the pruned model fails the checker, does not run, or an output's name, dtype
-    or shape differs; :class:`OnnxPruneError` when a provider is not available.
+    or shape differs; :class:`OnnxPruneError` when a provider is not available;
+    :class:`UnsupportedModelError` when the *original* fails the checker too (the input is
+    invalid, not the surgery).
+
+    With ``reference`` (the surgery oracle: the canonical original with the removed channels
+    zeroed, :func:`onnxprune.surgery.oracle.zeroed_reference`), the pruned model's outputs
+    must also equal the reference's on the same inputs (:func:`check_oracle`); the result
+    is :attr:`VerifyResult.oracle`.
     """
     check_providers(providers)
-    _check(pruned)
+    _check(pruned, original)
     _compare_names(
         "input", [i.name for i in graph_inputs(original)], [i.name for i in graph_inputs(pruned)]
     )
@@ -344,4 +429,7 @@ def verify(
             )
         shapes[name] = tuple(int(d) for d in o.shape)
         fidelity[name] = _fidelity(r, o)
-    return VerifyResult(output_shapes=shapes, fidelity=fidelity)
+    oracle = None
+    if reference is not None:
+        oracle = check_oracle(reference, out, feeds, providers)
+    return VerifyResult(output_shapes=shapes, fidelity=fidelity, oracle=oracle)

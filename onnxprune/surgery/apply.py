@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxprune.subgraphs import import_graph
+
 from onnxprune.analysis.groups import Analysis
 from onnxprune.errors import SurgeryError
 from onnxprune.ops.registry import get_handler
@@ -84,7 +86,7 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, removed: Mapping[int,
     for name, tc in analysis.channels.items():
         if len(tc.elems) and removed_elems[tc.elems].all():
             raise SurgeryError(f"the plan removes every channel of tensor {name}")
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
     ctx = SurgeryContext(analysis.channels, removed_elems, analysis.shapes, analysis.opset)
     for node in graph.nodes:
         handler = get_handler(node.op, analysis.opset, node.domain or "")

@@ -14,8 +14,35 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxprune.subgraphs import import_graph
+
 from onnxprune.analysis.groups import Analysis
 from onnxprune.ops.registry import get_handler
+
+
+def tensor_dtypes(model: onnx.ModelProto) -> dict[str, int]:
+    """ONNX element type of every top-level tensor whose type is declared (inputs, outputs,
+    value_info, initializers)."""
+    types: dict[str, int] = {}
+    g = model.graph  # canonical models carry inferred value_info (onnxprune.canonicalize)
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for t in g.initializer:
+        types[t.name] = t.data_type
+    return types
+
+
+def _mask_dtype(t: gs.Tensor, dtypes: dict[str, int]):
+    """numpy dtype of a mask multiplying ``t`` (float32 when ``t``'s type is unknown)."""
+    elem = dtypes.get(t.name)
+    if elem == onnx.TensorProto.BFLOAT16:
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    if elem in (onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+        return onnx.helper.tensor_dtype_to_np_dtype(elem)
+    return np.float32
 
 
 def zeroed_reference(model: onnx.ModelProto, analysis: Analysis, removed: Mapping[int, np.ndarray]) -> onnx.ModelProto:
@@ -27,11 +54,13 @@ def zeroed_reference(model: onnx.ModelProto, analysis: Analysis, removed: Mappin
         removed: ``{group id: removed channel indices}``.
 
     Returns:
-        A model with the original's inputs and outputs (float32 masks of shape
-        [1, ..., C, ..., 1] broadcast on each masked tensor's channel axis).
+        A model with the original's inputs and outputs (0/1 masks of shape
+        [1, ..., C, ..., 1] broadcast on each masked tensor's channel axis, in the masked
+        tensor's own dtype: float16, bfloat16, float32 or float64).
     """
     removed_elems = analysis.removed_elements(removed)
-    graph = gs.import_onnx(model)
+    dtypes = tensor_dtypes(model)
+    graph = import_graph(model)
     count = 0
     for node in list(graph.nodes):
         handler = get_handler(node.op, analysis.opset, node.domain or "")
@@ -47,7 +76,7 @@ def zeroed_reference(model: onnx.ModelProto, analysis: Analysis, removed: Mappin
             rank = len(analysis.shapes[t.name])
             shape = [1] * rank
             shape[tc.axis] = len(keep)
-            mask = gs.Constant(f"__oracle_mask_{count}", keep.astype(np.float32).reshape(shape))
+            mask = gs.Constant(f"__oracle_mask_{count}", keep.astype(_mask_dtype(t, dtypes)).reshape(shape))
             masked = gs.Variable(f"__oracle_masked_{count}", dtype=t.dtype)
             graph.nodes.append(gs.Node("Mul", f"__oracle_mul_{count}", inputs=[t, mask], outputs=[masked]))
             node.inputs[i] = masked
