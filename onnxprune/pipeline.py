@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from collections.abc import Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,18 +21,16 @@ from onnxprune.canonicalize import canonicalize, restore_storage_dtypes
 from onnxprune.criteria import get_criterion
 from onnxprune.data import CalibrationData
 from onnxprune.errors import ModelLoadError, OnnxPruneError, PlanError
-from onnxprune.holdout import HeldOutMetric, Split, split_holdout
 from onnxprune.inputs import resolve_input_shapes
 from onnxprune.io import check_model_output, default_output_path, load_model, save_model
-from onnxprune.runtime.latency_search import search_latency
 from onnxprune.planning import ROUND_TO_AUTO, PlanOptions, PruningPlan, Target, TargetKind
 from onnxprune.report import CompressReport, GroupRow
 from onnxprune.shapes import measure_shapes
 from onnxprune.runtime.verify import VerifyResult, verify
 from onnxprune.surgery import apply_plan
 from onnxprune.surgery.oracle import zeroed_reference
-from onnxprune.schedule import (Milestone, State, StepRecord, StepSetup, auto_steps, guard_milestones, initial_state,
-                                milestones, plan_of_original, run_step)
+from onnxprune.progressive import ProgressiveRun, held_out_split, reached, timed
+from onnxprune.schedule import plan_of_original
 
 
 if TYPE_CHECKING:  # recover.training imports torch; an l1 run must not
@@ -101,7 +97,7 @@ class CompressOptions:
         finetune: after every cut (and re-calibration), distil from the original model
             with these options (``epochs`` per step); None = no fine-tuning.
         auto_epochs: choose ``finetune.epochs`` per step from the training set size
-            (:func:`auto_epochs`).
+            (:func:`onnxprune.progressive.auto_epochs`).
         never_slower: re-plan a cut that is not faster than the original with coarser
             round_to (rule 3 of :mod:`onnxprune.schedule`; needs ``bench``).
         use_cache: reuse cached ``round_to auto`` sweeps (:mod:`onnxprune.runtime.sweep_cache`).
@@ -146,15 +142,6 @@ class CompressResult:
     report: CompressReport
 
 
-@contextmanager
-def _timed(times: dict[str, float], stage: str):
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        times[stage] = times.get(stage, 0.0) + time.perf_counter() - t0
-
-
 def prepare(path: str | os.PathLike, input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Prepared:
     """Load, canonicalize and analyse a model file.
 
@@ -162,11 +149,11 @@ def prepare(path: str | os.PathLike, input_shapes: Mapping[str, tuple[int, ...]]
         ModelLoadError / UnsupportedModelError: bad file; InputShapeError: bad shapes.
     """
     times: dict[str, float] = {}
-    with _timed(times, "load"):
+    with timed(times, "load"):
         original = load_model(path)
-    with _timed(times, "canonicalize"):
+    with timed(times, "canonicalize"):
         canon = canonicalize(original)
-    with _timed(times, "analyze"):
+    with timed(times, "analyze"):
         shapes_in = resolve_input_shapes(canon.model, input_shapes)
         shapes = measure_shapes(canon.model, shapes_in)
         analysis = analyze(canon.model, shapes)
@@ -182,19 +169,6 @@ def count_model(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ..
     """(MACs, params) of any model at the given input shapes (conv/linear MACs; float params)."""
     a = analyze(model, measure_shapes(model, input_shapes))
     return a.count("macs"), a.count("params")
-
-
-#: recovery sample passes per step that :func:`auto_epochs` aims at
-AUTO_SAMPLES_PER_STEP = 4096
-#: at most this many training samples are evaluated for the report's training-set figure
-TRAIN_EVAL_SAMPLES = 256
-
-
-def auto_epochs(n_train: int) -> int:
-    """Fine-tuning epochs per step for ``--finetune-epochs auto``: about
-    :data:`AUTO_SAMPLES_PER_STEP` sample passes, 1 to 8 epochs (early stopping on the
-    held-out figure ends it sooner when it stops helping)."""
-    return int(min(8, max(1, round(AUTO_SAMPLES_PER_STEP / max(n_train, 1)))))
 
 
 def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | None = None,
@@ -233,14 +207,14 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
     a = prep.analysis
     split = metric = None
     if options.data is not None:
-        with _timed(times, "held_out"):
-            split, metric = _held_out(prep, options)
-    run = _Run(prep, options, criterion, split, metric, times)
+        with timed(times, "held_out"):
+            split, metric = held_out_split(prep, options)
+    run = ProgressiveRun(prep, options, criterion, split, metric, times)
     plan_opts, sweep = options.plan, None
     if plan_opts.round_to == ROUND_TO_AUTO:
         from onnxprune.runtime.sweep_cache import cached_channel_sweep
 
-        with _timed(times, "sweep"):
+        with timed(times, "sweep"):
             sweep = cached_channel_sweep(prep.model, a.shapes, a, provider=options.provider,
                                          threads=options.threads, use_cache=options.use_cache)
         plan_opts = dataclasses.replace(plan_opts, round_to=sweep.round_to)
@@ -249,14 +223,14 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
     final_plan = plan_of_original(a, state, options.target)
     reachable = None
     if options.target is not None and not complete:
-        reachable = _reached(options.target, state, a, run.original_ms)
+        reachable = reached(options.target, state, a, run.original_ms)
     if reachable is not None:
         final_plan = dataclasses.replace(final_plan, reachable=reachable)
         if options.strict_target:
             raise PlanError(f"target {options.target} is out of reach: reached {options.target.kind.value}="
                             f"{reachable:.3f}")
     pruned = restore_storage_dtypes(state.model, prep.original)
-    with _timed(times, "verify"):
+    with timed(times, "verify"):
         result = _verify(prep, final_plan, pruned, recovered=any(r.recovery for r in records), seed=options.seed)
         macs_after, params_after = state.macs, state.params
     warnings = list(prep.warnings) + warnings
@@ -266,7 +240,7 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
     if last_search is not None and len(records) == 1:  # the search measured the written model already
         lat_before, lat_after = last_search.before, last_search.after
     elif options.bench or (options.target is not None and options.target.kind is TargetKind.LATENCY):
-        with _timed(times, "bench"):
+        with timed(times, "bench"):
             kw = dict(warmup=options.bench_warmup, repeat=options.bench_repeat, threads=options.threads,
                       seed=options.seed, providers=(options.provider,))
             lat_before = measure_latency(prep.original, prep.input_shapes, **kw)
@@ -276,7 +250,7 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
                         f"({lat_before.median_ms:.2f} -> {lat_after.median_ms:.2f} ms median) although it has "
                         f"{macs_after / max(a.count('macs'), 1):.2f}x the MACs")
     held = run.held_out_summary(state, records)
-    with _timed(times, "save"):
+    with timed(times, "save"):
         save_model(pruned, out_path, input_path=input_path)
     recovery = next((r.recovery for r in reversed(records) if r.accepted and r.recovery), None)
     report = CompressReport(
@@ -293,140 +267,6 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
         latency_target=None if last_search is None else last_search.to_dict(), recovery=recovery,
         schedule=[r.to_dict() for r in records], held_out=held)
     return CompressResult(pruned, final_plan, a, result, report)
-
-
-class _Run:
-    """One compress run's schedule: builds the :class:`~onnxprune.schedule.StepSetup` from
-    the options, runs the steps under the accuracy guard and summarises the held-out figures."""
-
-    def __init__(self, prep: Prepared, options: CompressOptions, criterion, split: Split | None,
-                 metric: HeldOutMetric | None, times: dict[str, float]) -> None:
-        self.prep, self.options, self.criterion = prep, options, criterion
-        self.split, self.metric, self.times = split, metric, times
-        train = split.train if split is not None else None
-        self.score_data = None if train is None else train.subset(options.samples, options.seed)
-        self.rec_data = None if train is None else train.subset(options.train_samples, options.seed)
-        self.original_ms: float | None = None
-        self.last_search = None
-        self.measure = None
-        latency_target = options.target is not None and options.target.kind is TargetKind.LATENCY
-        if options.bench or latency_target:
-            kw = dict(warmup=options.bench_warmup, repeat=options.bench_repeat, threads=options.threads,
-                      seed=options.seed, providers=(options.provider,))
-            self.measure = lambda m: measure_latency(m, prep.input_shapes, **kw).median_ms
-
-    # ---- the pieces of a step ---------------------------------------------------------
-    def _score(self, model: onnx.ModelProto, analysis: Analysis):
-        o = self.options
-        if self.criterion.requires_data:
-            from onnxprune.executor.device import resolve_device
-
-            scores = self.criterion.score_with_data(analysis, model, self.score_data, batch_size=o.batch_size,
-                                                    device=resolve_device(o.device), seed=o.seed)
-        else:
-            scores = self.criterion.score(analysis, weights_of(model))
-        return scores, getattr(scores, "info", {})
-
-    def _recover(self, parent: onnx.ModelProto, parent_analysis: Analysis, pruned: onnx.ModelProto,
-                 removed: Mapping[int, np.ndarray]):
-        from onnxprune.recover import recover
-
-        o = self.options
-        ft = o.finetune
-        if ft is not None and o.auto_epochs:
-            ft = dataclasses.replace(ft, epochs=auto_epochs(len(self.rec_data)))
-        rec = recover(parent, pruned, parent_analysis, removed, self.rec_data, recalibrate=o.recalibrate_bn,
-                      finetune_options=ft, batch_size=o.batch_size, device=o.device, teacher=self.prep.model,
-                      validate=None if self.metric is None else self.metric.measure)
-        return rec.model, dict(rec.info)
-
-    def _latency_search(self, state: State, target: Target, scores, opts: PlanOptions):
-        o = self.options
-        self.last_search = search_latency(
-            state.model, state.model, state.analysis, self.prep.input_shapes, scores, target, opts,
-            normalize=self.criterion.normalize, provider=o.provider, threads=o.threads, warmup=o.bench_warmup,
-            repeat=o.bench_repeat, seed=o.seed)
-        return self.last_search
-
-    # ---- the schedule ------------------------------------------------------------------
-    def schedule(self, plan_opts: PlanOptions, *, fixed: bool):
-        """Run the steps; returns (state, records, warnings, last latency search, complete)."""
-        o, prep = self.options, self.prep
-        if self.measure is not None:
-            with _timed(self.times, "bench"):
-                self.original_ms = self.measure(prep.model)
-        recovering = o.recalibrate_bn or o.finetune is not None
-        setup = StepSetup(prep.model, prep.analysis, prep.input_shapes, self._score, self.criterion.normalize,
-                          plan_opts, round_to_fixed=fixed or self.measure is None,
-                          recover=self._recover if recovering else None,
-                          metric=None if self.metric is None else self.metric.measure,
-                          measure=self.measure, original_ms=self.original_ms,
-                          latency_search=self._latency_search)
-        state = initial_state(prep.model, prep.analysis, self.original_ms)
-        if o.target is None:
-            plan_ms = guard_milestones()
-        else:
-            n = auto_steps(o.target, recovering=recovering) if o.steps == "auto" else int(o.steps)
-            plan_ms = milestones(o.target, n)
-        guard = self.metric is not None and o.max_drop is not None
-        records: list[StepRecord] = []
-        warnings: list[str] = []
-        round_to = int(plan_opts.round_to)
-        complete = True
-        for i, m in enumerate(plan_ms, start=1):
-            with _timed(self.times, "steps"):
-                new, rec, rt = run_step(i, m, state, setup, round_to)
-            warnings += [f"step {i}: {n}" for n in rec.notes if "already met" not in n]
-            if guard and rec.held_out is not None and self.metric.drop(rec.held_out) > o.max_drop:
-                records.append(dataclasses.replace(rec, accepted=False))
-                complete = False
-                warnings.append(f"accuracy guard: step {i} ({m}) lost {self.metric.drop(rec.held_out):.2f} points "
-                                f"of {self.metric.label} (bound {o.max_drop:g}); the last step that held it is "
-                                "returned")
-                retry = self._retry(i, m, state, setup, round_to)
-                if retry is not None:
-                    new2, rec2, rt2 = retry
-                    held = rec2.held_out is not None and self.metric.drop(rec2.held_out) <= o.max_drop
-                    records.append(dataclasses.replace(rec2, accepted=held))
-                    if held:
-                        state, round_to = new2, rt2
-                break
-            records.append(rec)
-            state, round_to = new, rt
-            if rec.reachable is not None:
-                complete = False
-                break
-        if guard and not any(r.accepted and r.macs < prep.analysis.count("macs") for r in records):
-            warnings.append("accuracy guard: no cut held the bound; the written model is the unpruned original")
-        return state, records, warnings, self.last_search, complete
-
-    def _retry(self, i: int, m: Milestone, state: State, setup: StepSetup, round_to: int):
-        """The failed step ``i`` once more, halfway from the current model to its milestone."""
-        now = _reached(Target(m.kind, 0.5), state, self.prep.analysis, self.original_ms)
-        if now is None:
-            return None
-        if m.kind is TargetKind.RATIO:
-            now = 1.0 - now  # channels kept
-        if now - m.kept <= 0.02:
-            return None
-        with _timed(self.times, "steps"):
-            return run_step(i, Milestone(m.kind, (now + m.kept) / 2), state, setup, round_to)
-
-    def held_out_summary(self, state: State, records) -> dict | None:
-        """The report's ``held_out`` entry: kind, original, final, drop, bound, training figure."""
-        if self.metric is None:
-            return None
-        m = self.metric
-        kept = [r for r in records if r.accepted and r.held_out is not None]
-        final = kept[-1].held_out if kept else m.measure(state.model)
-        train = None
-        if self.rec_data is not None and len(self.rec_data):
-            sub = self.rec_data.subset(TRAIN_EVAL_SAMPLES, self.options.seed)
-            tm = HeldOutMetric(self.prep.original, sub, batch_size=self.options.batch_size,
-                               providers=(self.options.provider,))
-            train = {"samples": len(sub), "original": tm.original_value, "final": tm.measure(state.model)}
-        return {**m.to_dict(), "source": self.split.source, "final": final, "drop": m.drop(final),
-                "max_drop": self.options.max_drop, "train": train}
 
 
 def _verify(prep: Prepared, plan: PruningPlan, model: onnx.ModelProto, *, recovered: bool,
@@ -467,32 +307,6 @@ def _check_options(criterion, options: CompressOptions) -> None:
         raise OnnxPruneError(f"--steps must be 'auto' or an integer >= 1, got {options.steps!r}")
     if not 0.0 <= float(options.val_split) < 1.0:
         raise OnnxPruneError(f"--val-split must lie in [0, 1), got {options.val_split}")
-
-
-def _held_out(prep: Prepared, options: CompressOptions) -> tuple[Split | None, HeldOutMetric | None]:
-    """The split (before anything else sees the data) and the held-out metric."""
-    declared = _declared_input_shape(prep.model)
-    options.data.check(declared)
-    if options.val_data is not None:
-        options.val_data.check(declared)
-    if options.val_split == 0 and options.val_data is None:
-        return Split(options.data, options.data, np.arange(len(options.data)), None, "none"), None
-    split = split_holdout(options.data, options.val_split, options.seed, options.val_data)
-    metric = HeldOutMetric(prep.original, split.val, batch_size=options.batch_size, providers=(options.provider,))
-    return split, metric
-
-
-def _reached(target: Target, state: State, a: Analysis, original_ms: float | None) -> float | None:
-    """The fraction of ``target``'s kind that ``state`` reaches (of the original)."""
-    if target.kind is TargetKind.MACS:
-        return state.macs / max(a.count("macs"), 1)
-    if target.kind is TargetKind.PARAMS:
-        return state.params / max(a.count("params"), 1)
-    if target.kind is TargetKind.LATENCY:
-        return None if state.latency_ms is None or not original_ms else state.latency_ms / original_ms
-    total = sum(g.size for g in a.groups if g.prunable)
-    kept = sum(len(state.kept.get(g.name, ())) for g in a.groups if g.prunable)
-    return 1.0 - kept / max(total, 1)
 
 
 def _declared_input_shape(model: onnx.ModelProto) -> list[int | None] | None:
