@@ -40,6 +40,9 @@ def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # a picture, not a secret: mkstemp's 0600 would hide it
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
@@ -74,8 +77,8 @@ def plot_tradeoff(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
     steps: Sequence[Mapping[str, Any]] = report.get("schedule") or []
     held = report.get("held_out")
     lat = report.get("latency_ms") or {}
-    before = (lat.get("before") or {}).get("median_ms")
-    after = (lat.get("after") or {}).get("median_ms")
+    before = (lat.get("before") or {}).get("median")
+    after = (lat.get("after") or {}).get("median")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     ylabel = held["label"] if held else "no data given: accuracy not measured (MACs kept shown)"
     y0 = held["original"] if held else 1.0

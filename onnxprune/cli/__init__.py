@@ -54,6 +54,9 @@ class OneLineGroup(click.Group):
 @click.version_option(package_name="onnxprune")
 def main() -> None:
     """onnxprune: remove the weakest channels of a CNN stored as ONNX."""
+    from onnxprune.cachedir import point_torch_caches_here
+
+    point_torch_caches_here()  # torch's compiler cache in onnxprune's cache folder, not $TMPDIR
 
 
 for _cmd in (compress, analyze, bench, eval_command, finetune_command):

@@ -16,17 +16,23 @@ from onnxprune.report import format_count
 @click.argument("model", type=click.Path(dir_okay=True))
 @input_shape_option
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the analysis as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(), default=None,
+              help="Draw kept / total channels per group as PNG (kept from --plan; all kept without one).")
+@click.option("--plan", "plan_path", type=click.Path(), default=None,
+              help="A pruning plan of MODEL (compress --plan-out) whose kept channels --plot draws.")
 @click.option("-v", "--verbose", is_flag=True, help="List every group, prunable ones included.")
 @user_errors
-def analyze(model, input_shape, json_path, verbose):
+def analyze(model, input_shape, json_path, plot_path, plan_path, verbose):
     """List MODEL's channel groups, blocked groups and why, and MACs/params per layer."""
     from onnxprune.io import check_side_output
     from onnxprune.pipeline import prepare
 
-    if json_path:
-        check_side_output(json_path, models=[model])
+    for side in (json_path, plot_path):
+        if side:
+            check_side_output(side, models=[model] + [p for p in (json_path, plot_path) if p and p != side])
     prep = prepare(model, input_shapes(input_shape))
     a = prep.analysis
+    plan = _read_plan(plan_path, a) if plan_path else None
     console = Console()
     macs, params = a.count("macs"), a.count("params")
     prunable = [g for g in a.groups if g.prunable]
@@ -62,3 +68,31 @@ def analyze(model, input_shape, json_path, verbose):
                                     for m in g.members]} for g in a.groups],
             "layers": [{"node": n, "macs": v[0], "params": v[1]} for n, v in per_node.items()],
         }, indent=1))
+    if plot_path:
+        from onnxprune.plots import plot_channels
+
+        rows = [(g.name, len(plan.kept(g.id)) if plan is not None else g.size, g.size) for g in a.groups if g.size > 1]
+        plot_channels(rows, plot_path, title=f"{model}: kept / total channels per group"
+                      + ("" if plan is not None else " (no --plan: nothing removed)"))
+
+
+def _read_plan(path, analysis):
+    """The plan in ``path``, checked against ``analysis``.
+
+    Raises:
+        PlanError: unreadable, malformed, or not a plan of this model.
+    """
+    from onnxprune.errors import PlanError
+    from onnxprune.io import read_user_file
+    from onnxprune.planning import PruningPlan
+
+    plan = PruningPlan.from_json(read_user_file(path, PlanError, "a pruning plan (JSON)").decode("utf-8", "replace"))
+    try:
+        plan.validate(analysis)
+    except PlanError as e:
+        raise PlanError(f"{path}: {e}") from None
+    missing = [gid for gid in plan.group_names if gid >= len(analysis.groups)
+               or analysis.groups[gid].name != plan.group_names[gid]]
+    if missing:
+        raise PlanError(f"{path}: not a plan of this model (group {plan.group_names[missing[0]]} differs)")
+    return plan

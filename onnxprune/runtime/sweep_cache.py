@@ -29,19 +29,11 @@ from typing import Any
 
 import onnx
 
+from onnxprune.cachedir import cache_dir
+
 __all__ = ["CachedSweep", "cache_dir", "cached_channel_sweep", "cpu_name"]
 
 _FORMAT = 1
-
-
-def cache_dir() -> Path:
-    """The folder of onnxprune's caches (``ONNXPRUNE_CACHE_DIR`` or the user cache dir)."""
-    env = os.environ.get("ONNXPRUNE_CACHE_DIR")
-    if env:
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("onnxprune"))
 
 
 def cpu_name() -> str:
