@@ -264,7 +264,7 @@ def test_cli_compress_with_ifso(tmp_path: Path):
     out, rep = tmp_path / "p.onnx", tmp_path / "r.json"
     result = CliRunner().invoke(main, ["compress", str(src), "--criterion", "ifso", "--data", str(tmp_path / "cal.npz"),
                                        "--batch-size", "8", "--target-macs", "0.5", "--no-bench", "-o", str(out),
-                                       "--report", str(rep)])
+                                       "--report", str(rep), "--steps", "1", "--no-recover"])
     assert result.exit_code == 0, result.output
     report = json.loads(rep.read_text())
     assert report["criterion"] == "ifso"

@@ -314,7 +314,7 @@ def test_cli_compress_with_infcp(tmp_path: Path):
     out, rep = tmp_path / "p.onnx", tmp_path / "r.json"
     res = CliRunner().invoke(main, ["compress", str(src), "--criterion", "infcp", "--data", str(tmp_path / "cal.npz"),
                                     "--ensemble", "2", "--batch-size", "4", "--target-macs", "0.5", "--no-bench",
-                                    "-o", str(out), "--report", str(rep)])
+                                    "-o", str(out), "--report", str(rep), "--steps", "1", "--no-recover"])
     assert res.exit_code == 0, res.output
     assert "member_rank_correlation" in res.output
     report = json.loads(rep.read_text())

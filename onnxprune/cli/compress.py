@@ -90,7 +90,7 @@ def _int_or_auto(value: str, option: str, *, minimum: int) -> int | str:
                    "distillation from the original.")
 @click.option("--recalibrate-bn/--no-recalibrate-bn", default=None,
               help="Bias compensation of removed channels and BN statistics re-estimated (default: with recovery).")
-@finetune_options("finetune-", epochs_default="auto")
+@finetune_options("finetune-", epochs_default="auto", lr_default=1e-3)
 @click.option("--finetune-loss", type=click.Choice(["distill", "auto", "ce", "kl", "mse"]), default="distill",
               show_default=True, help="Recovery loss: distill = KL (classifiers) or MSE to the original's outputs.")
 @click.option("--patience", type=int, default=2, show_default=True,

@@ -140,7 +140,8 @@ def load_data(data_path, image_size, mean, std, scale, channel_order, grayscale,
 _FT_FIELDS = ("epochs", "optimizer", "lr", "schedule", "weight_decay", "temperature", "warmup", "augment")
 
 
-def finetune_options(prefix: str = "", *, epochs_default: int | str = 1) -> Callable[[Callable], Callable]:
+def finetune_options(prefix: str = "", *, epochs_default: int | str = 1,
+                     lr_default: float = 1e-4) -> Callable[[Callable], Callable]:
     """Decorator factory adding the fine-tuning options named ``--{prefix}epochs``,
     ``--{prefix}optimizer``, ``--{prefix}lr``, ``--{prefix}schedule``,
     ``--{prefix}weight-decay``, ``--{prefix}temperature``, ``--{prefix}warmup``,
@@ -155,7 +156,7 @@ def finetune_options(prefix: str = "", *, epochs_default: int | str = 1) -> Call
                          " per step (0: none; auto: about 4096 samples per step, with --data)." if p else ".")),
         click.option(f"--{p}optimizer", f"{pu}optimizer", type=click.Choice(["adam", "adamw", "sgd"]),
                      default="adam", show_default=True, help="Fine-tuning optimizer (sgd: momentum 0.9)."),
-        click.option(f"--{p}lr", f"{pu}lr", type=float, default=1e-4, show_default=True,
+        click.option(f"--{p}lr", f"{pu}lr", type=float, default=lr_default, show_default=True,
                      help="Fine-tuning peak learning rate."),
         click.option(f"--{p}schedule", f"{pu}schedule", type=click.Choice(["cosine", "constant"]),
                      default="cosine", show_default=True, help="Learning-rate schedule over all steps."),
