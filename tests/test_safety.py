@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from fuzz_corpus import fp16_behind_cast, if_inner_conv, if_outer_read
 from onnxprune.canonicalize import canonicalize, restore_storage_dtypes
 from onnxprune.cli import main
-from onnxprune.errors import OnnxPruneError, OutputPathError
+from onnxprune.errors import OnnxPruneError, OutputPathError, VerificationError
 from onnxprune.io import save_model, write_text_atomic
 from onnxprune.safety import check_allocation, memory_budget, parse_size, staged_outputs
 from tiny_models import build_chain
@@ -143,8 +143,8 @@ def test_verify_runs_the_oracle_and_catches_a_wrong_cut() -> None:
     wrong.CopyFrom(model)
     w = next(t for t in wrong.graph.initializer if t.name == "conv3.bias")
     w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) + 1.0, w.name))
-    bad = verify(wrong, model, shapes, reference=model).oracle
-    assert bad["status"] == "failed" and "surgery oracle: output 'y'" in bad["message"]
+    with pytest.raises(VerificationError, match="surgery oracle: output 'y'"):
+        verify(wrong, model, shapes, reference=model)
 
 
 def test_oracle_masks_take_the_tensor_dtype() -> None:

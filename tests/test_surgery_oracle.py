@@ -568,3 +568,46 @@ def test_apply_plan_refuses_to_empty_a_split_half():
         apply_plan(model, a, {g.id: np.arange(4)})
     check_plan(model, a, {g.id: np.arange(3)}, random_input("split", 0))
     check_plan(model, a, {g.id: np.arange(1, 11)}, random_input("split", 0))
+
+
+# ------------------------------------------------------------------------------------
+# a saturated Sigmoid output (the ppocr_det finding)
+# ------------------------------------------------------------------------------------
+
+
+def _with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """Copy of ``model`` that also returns the intermediate tensor ``name``."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_saturated_sigmoid_agrees_with_the_oracle_to_the_runtimes_absolute_accuracy(seed):
+    """ppocr_det on random inputs: every tensor up to the final Sigmoid's logits agrees with the
+    oracle to float32 rounding, but the probability map is all ~1e-7, where onnxruntime's
+    Sigmoid returns multiples of 2**-25 and is accurate to 1.7e-7 absolute: one rounding step
+    in a logit moves an output by ~1e-7, a large fraction of the largest output. The surgery is
+    right (logits equal); verify's oracle passes on its absolute floor, not its relative part."""
+    from onnxprune.runtime.verify import oracle_tolerance, verify
+    from tiny_models import build_saturated_sigmoid
+
+    model = build_saturated_sigmoid(seed)
+    shapes = {INPUT_NAME: (1, 3, 32, 32)}
+    analysis = analyze(model, measure_shapes(model, shapes))
+    removed = {analysis.group("conv1").id: np.arange(0, 32, 2)}
+    pruned, ref = apply_plan(model, analysis, removed), zeroed_reference(model, analysis, removed)
+    feeds = _random_feeds(model, seed)
+    out = _run(_with_output(pruned, "conv2_out"), feeds)
+    exp = _run(_with_output(ref, "conv2_out"), feeds)
+    logits_err = np.abs(out["conv2_out"] - exp["conv2_out"]).max() / np.abs(exp["conv2_out"]).max()
+    assert logits_err <= 1e-6, logits_err  # the surgery is exact up to rounding
+    y, y_ref = out["y"].astype(np.float64), exp["y"].astype(np.float64)
+    rel, atol = oracle_tolerance(np.dtype(np.float32))
+    assert np.abs(y_ref).max() < 1e-4  # saturated
+    assert np.abs(y - y_ref).max() / np.abs(y_ref).max() > rel  # a relative check alone fails...
+    assert np.abs(y - y_ref).max() <= 2.5e-7 < atol  # ...on differences of the runtime's accuracy
+    result = verify(pruned, model, shapes, reference=ref, seed=seed)
+    assert result.oracle["status"] == "passed"
+    assert 0 < result.oracle["max_abs_error"]["y"] <= 2.5e-7

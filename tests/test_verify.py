@@ -218,3 +218,33 @@ def test_output_fidelity_is_frozen():
     fid = OutputFidelity(0.0, 0.0, 1.0, None)
     with pytest.raises(Exception):
         fid.cosine = 0.5  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- oracle
+
+
+def test_oracle_mismatch_is_an_error_naming_output_and_error():
+    """A pruned model that differs from the oracle reference by more than rounding is refused."""
+    model = classifier()
+    wrong = classifier(weights={**weights_of(model), "fc.bias": weights_of(model)["fc.bias"] + 1e-2})
+    ok = verify(model, model, SHAPES, reference=model).oracle
+    assert ok["status"] == "passed" and ok["max_abs_error"] == {"logits": 0.0}
+    assert ok["tolerance"] == {"logits": 1e-4} and ok["abs_tolerance"] == {"logits": 1e-6}
+    with pytest.raises(VerificationError) as exc:
+        verify(wrong, model, SHAPES, reference=model)
+    msg = str(exc.value)
+    assert "\n" not in msg and "surgery oracle: output 'logits'" in msg
+    assert "max abs error 0.01 > 0.0001 x max|ref|" in msg
+
+
+def test_oracle_floor_does_not_hide_a_wrong_saturated_output():
+    """The absolute floor (1e-6 for float32) covers the Sigmoid's rounding near 0, not a wrong
+    logit: a head bias off by 4 (outputs ~1e-7 -> ~6e-6) is still refused."""
+    from tiny_models import build_saturated_sigmoid
+
+    model = build_saturated_sigmoid(0, bias=-16.0)
+    wrong = build_saturated_sigmoid(0, bias=-12.0)
+    shapes = {"x": (1, 3, 32, 32)}
+    assert verify(model, model, shapes, reference=model).oracle["status"] == "passed"
+    with pytest.raises(VerificationError, match=r"surgery oracle: output 'y' .* \+ 1e-06"):
+        verify(wrong, model, shapes, reference=model)

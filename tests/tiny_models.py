@@ -503,6 +503,24 @@ def build_const_channel(seed: int = 0, linear: str = "gemm") -> onnx.ModelProto:
     return g.model(OUTPUT_NAME, ["N", 7], input_shape=["N", 3, 8, 8])
 
 
+def build_saturated_sigmoid(seed: int = 0, bias: float = -16.0) -> onnx.ModelProto:
+    """A probability map whose Sigmoid is saturated near 0 (like a text detector's on noise).
+
+    x[1,3,32,32]
+      -> conv1 Conv(3->32, 3x3, pad 1) -> relu1 Relu
+      -> conv2 Conv(32->1, 3x3, pad 1, bias = ``bias``) -> sig Sigmoid -> y[1,1,32,32]
+    With bias -16 every output is about 1e-7, where onnxruntime's Sigmoid is accurate to an
+    absolute 1.7e-7 only. Not in ``ALL_BUILDERS``.
+    """
+    g = _GraphBuilder("saturated_sigmoid", seed)
+    t = g.act("Relu", "relu1", g.conv("conv1", INPUT_NAME, 3, 32, 3))
+    t = g.conv("conv2", t, 32, 1, 3)
+    b = next(i for i in g.initializers if i.name == "conv2.bias")
+    b.CopyFrom(numpy_helper.from_array(np.array([bias], dtype=np.float32), b.name))
+    g.node("Sigmoid", "sig", [t], outputs=[OUTPUT_NAME])
+    return g.model(OUTPUT_NAME, [1, 1, 32, 32], input_shape=(1, 3, 32, 32))
+
+
 # -------------------------------------------------------------------------------------
 # registry
 # -------------------------------------------------------------------------------------
