@@ -290,13 +290,16 @@ def run_step(index: int, m: Milestone, state: State, setup: StepSetup, round_to:
         coarser = [n for n in COARSER if n > round_to]
         while (not setup.round_to_fixed and setup.original_ms is not None and latency >= setup.original_ms
                and coarser):
-            round_to = coarser.pop(0)
+            prev, prev_n, round_to = latency, round_to, coarser.pop(0)
             plan, pruned, _ = _cut(state, target, scores, setup, round_to)
             latency = setup.measure(pruned)
             tried.append((latency, round_to, plan, pruned))
-            notes.append(f"not faster than the original: re-planned with round_to {round_to} "
-                         f"({latency:.3f} ms vs {setup.original_ms:.3f} ms)")
+            notes.append(f"the cut with round_to {prev_n} measured {prev:.3f} ms, not faster than the original's "
+                         f"{setup.original_ms:.3f} ms: re-planned with round_to {round_to} ({latency:.3f} ms)")
         latency, round_to, plan, pruned = min(tried, key=lambda t: t[0])
+        if setup.original_ms is not None and latency >= setup.original_ms and not setup.round_to_fixed:
+            notes.append(f"no round_to up to {COARSER[-1]} made the cut faster than the original "
+                         f"({latency:.3f} vs {setup.original_ms:.3f} ms); kept the fastest, round_to {round_to}")
     times["plan_apply"] = time.perf_counter() - t1
 
     removed = {g: np.asarray(v) for g, v in plan.removed.items()}

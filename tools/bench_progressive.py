@@ -71,6 +71,13 @@ def make(name: str, n_train: int):
     raise SystemExit(f"unknown benchmark {name}")
 
 
+def auto_steps_for(target_macs: float) -> int:
+    """The steps ``--steps auto`` takes for a MACs target with recovery (for side-by-side tools)."""
+    from onnxprune.schedule import auto_steps
+
+    return auto_steps(Target(TargetKind.MACS, target_macs), recovering=True)
+
+
 def predict(path, x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]

@@ -54,7 +54,7 @@ def _int_or_auto(value: str, option: str, *, minimum: int) -> int | str:
                    "as far as that allows.")
 @click.option("--steps", default="auto", show_default=True,
               help="Progressive steps toward the target (1 = one-shot); auto: 1 without --data, else one per "
-                   "15%% removed.")
+                   "15% removed.")
 @click.option("--provider", default="cpu", show_default=True,
               help="onnxruntime provider for latency: cpu, cuda, tensorrt (or a full provider name).")
 @click.option("--scope", type=click.Choice(["global", "layer"]), default="global", show_default=True,
