@@ -231,7 +231,8 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
                             f"{reachable:.3f}")
     pruned = restore_storage_dtypes(state.model, prep.original)
     with timed(times, "verify"):
-        result = _verify(prep, final_plan, pruned, recovered=any(r.recovery for r in records), seed=options.seed)
+        result = _verify(prep, final_plan, pruned, recovered=any(r.recovery for r in records), seed=options.seed,
+                         data=None if split is None else split.val)
         macs_after, params_after = state.macs, state.params
     warnings = list(prep.warnings) + warnings
     lat_before = lat_after = None
@@ -259,7 +260,8 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
         latency_before=lat_before, latency_after=lat_after, groups=group_rows(a, final_plan),
         stage_seconds=times,
         reachable=None if reachable is None else f"{options.target.kind.value}={reachable:.3f}",
-        warnings=tuple(warnings), fidelity=result.to_dict(),
+        warnings=tuple(warnings), fidelity={**result.to_dict(), "inputs": "random inputs" if split is None or _data_feeds(prep, split.val) is None
+                                               else "held-out samples"},
         criterion_info=next((dict(r.criterion_info) for r in reversed(records) if r.criterion_info), {}),
         round_to=None if sweep is None else {"chosen": sweep.round_to, **sweep.info},
         latency_target=None if last_search is None else last_search.to_dict(), recovery=recovery,
@@ -268,8 +270,9 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
 
 
 def _verify(prep: Prepared, plan: PruningPlan, model: onnx.ModelProto, *, recovered: bool,
-            seed: int) -> VerifyResult:
-    """Verify the written model against the original, with the surgery oracle on the cut.
+            seed: int, data: CalibrationData | None = None) -> VerifyResult:
+    """Verify the written model against the original, with the surgery oracle on the cut, on
+    the first samples of ``data`` (the held-out part) when given, else on random inputs.
 
     The oracle (the original with the removed channels zeroed) checks the composed plan
     applied to the original in one go; when recovery changed weights since, that pure cut
@@ -277,11 +280,31 @@ def _verify(prep: Prepared, plan: PruningPlan, model: onnx.ModelProto, *, recove
     """
     removed = {g: np.asarray(v) for g, v in plan.removed.items()}
     reference = zeroed_reference(prep.model, prep.analysis, removed)
+    kw = dict(seed=seed, feeds=_data_feeds(prep, data))
     if not recovered:
-        return verify(model, prep.original, prep.input_shapes, seed=seed, reference=reference)
+        return verify(model, prep.original, prep.input_shapes, reference=reference, **kw)
     cut = restore_storage_dtypes(apply_plan(prep.model, prep.analysis, removed), prep.original)
-    oracle = verify(cut, prep.original, prep.input_shapes, seed=seed, reference=reference).oracle
-    return dataclasses.replace(verify(model, prep.original, prep.input_shapes, seed=seed), oracle=oracle)
+    oracle = verify(cut, prep.original, prep.input_shapes, reference=reference, **kw).oracle
+    return dataclasses.replace(verify(model, prep.original, prep.input_shapes, **kw), oracle=oracle)
+
+
+def _data_feeds(prep: Prepared, data: CalibrationData | None) -> dict[str, np.ndarray] | None:
+    """The first samples of ``data`` as the feeds of verification (one graph input, batch as
+    in ``prep.input_shapes``, the input's dtype), or None (random inputs) without data."""
+    from onnxprune.inputs import graph_inputs
+
+    inputs = graph_inputs(prep.original)
+    if data is None or len(inputs) != 1 or len(data) == 0:
+        return None
+    name = inputs[0].name
+    shape = tuple(prep.input_shapes[name])
+    if tuple(data.x.shape[1:]) != shape[1:]:
+        return None
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(inputs[0].type.tensor_type.elem_type)
+    x = data.x[:shape[0]]
+    if len(x) < shape[0]:  # fewer samples than the batch: repeat them
+        x = np.resize(x, shape)
+    return {name: np.ascontiguousarray(x, dtype=dtype)}
 
 
 def _check_options(criterion, options: CompressOptions) -> None:

@@ -343,7 +343,8 @@ class CompressReport:
         rows = {k: v for k, v in outputs.items() if isinstance(v, dict)}
         if not rows:
             return None
-        t = Table(title="Fidelity to the original on random inputs (informational, not an accuracy)",
+        inputs = data.get("inputs", "random inputs") if isinstance(data, dict) else "random inputs"
+        t = Table(title=f"Fidelity to the original on {escape(str(inputs))} (informational, not an accuracy)",
                   title_justify="left")
         t.add_column("output", overflow="fold")
         for col in ("max abs err", "max rel err", "cosine", "top-1 agree"):
