@@ -15,12 +15,16 @@ class EvalNode:
         op: op type; name: node name (for error messages).
         attrs: ONNX attributes as Python values (onnx-graphsurgeon's ``node.attrs``).
         n_outputs: number of node outputs (Split needs it when sizes are implicit).
+        cache: scratch space of the op's ``evaluate``: what it derives from ``attrs``
+            (and from input shapes that rarely change) is parsed on the first call and
+            kept here, so a node's attributes are read once, not at every forward.
     """
 
     op: str
     name: str
     attrs: Mapping[str, Any] = field(default_factory=dict)
     n_outputs: int = 1
+    cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,235 @@
+"""Chains of ONNX nodes that one fused torch kernel computes exactly.
+
+Exporters often spell an activation as a chain of elementwise nodes (hard-swish as
+``Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6)``, SiLU as ``Mul(x, Sigmoid(x))``) and keep
+BatchNormalization after a Conv. Evaluated node by node each link is one pass over the
+activation; :func:`find_fusions` finds the chains that the executor may run as one torch
+call instead:
+
+- ``Conv -> BatchNormalization`` (inference BN, constant 1-D parameters): the BN's
+  per-channel scale and shift are folded into the Conv's weight and bias at every
+  forward (weight-sized work, differentiable in every parameter), as onnxruntime does;
+- ``Add(x, 3) -> Clip(0, 6) -> Mul(x, .) -> Div(., 6)`` and
+  ``HardSigmoid(x; alpha=1/6, beta=0.5) -> Mul(x, .)``: ``F.hardswish(x)``;
+- ``Sigmoid(x) -> Mul(x, .)``: ``F.silu(x)``.
+
+A chain is fused only when nothing can observe its inner tensors: every inner tensor
+has exactly one consumer (the next link), is no graph output and carries no gate, and
+no link but the first has an input gate or an override (the first link's input gates
+still apply, its inputs keep their indices). Scalar constants of a pattern (3, 6, 0,
+alpha, beta) are read once, from the initializers, when the chain is found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxprune.executor.context import EvalContext, EvalNode
+from onnxprune.ops._torch import F
+from onnxprune.ops.norm import batch_norm_affine, batch_norm_is_inference
+from onnxprune.ops.registry import get_evaluator
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """One chain of nodes run as one step.
+
+    Attributes:
+        nodes: the chain's nodes, first to last.
+        op: a label for error messages (``"Conv+BatchNormalization"``).
+        inputs: tensor names the fused step reads ("" = an omitted input); the first
+            link's inputs come first, at their own indices.
+        outputs: tensor names it writes (the last link's outputs).
+        fn: ``fn(node, inputs, ctx) -> list[torch.Tensor]``, the handlers' signature;
+            ``node`` is the first link's :class:`EvalNode`.
+    """
+
+    nodes: tuple[gs.Node, ...]
+    op: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    fn: Callable
+
+
+def _scalar(t: gs.Tensor, consts: Mapping[str, np.ndarray]) -> float | None:
+    """The value of a one-element float initializer, else None."""
+    arr = consts.get(t.name) if t.name else None
+    if arr is None or arr.size != 1 or arr.dtype.kind != "f":
+        return None
+    return float(arr.reshape(-1)[0])
+
+
+class _Graph:
+    """Consumers of each tensor and the rules of what may be fused."""
+
+    def __init__(self, nodes: list[gs.Node], outputs: Collection[str], consts: Mapping[str, np.ndarray],
+                 pinned_nodes: Collection[str], gated_nodes: Collection[str], gated_tensors: Collection[str],
+                 opset: int) -> None:
+        self.consumers: dict[str, list[gs.Node]] = {}
+        for n in nodes:
+            for t in n.inputs:
+                if t.name:
+                    self.consumers.setdefault(t.name, []).append(n)
+        self.outputs, self.consts, self.opset = set(outputs), consts, opset
+        self.pinned, self.gated_nodes, self.gated_tensors = set(pinned_nodes), set(gated_nodes), set(gated_tensors)
+
+    def only_consumer(self, t: gs.Tensor) -> gs.Node | None:
+        """The single consumer of inner tensor ``t`` when nothing else can see ``t``."""
+        if t.name in self.outputs or t.name in self.gated_tensors:
+            return None
+        users = self.consumers.get(t.name, [])
+        return users[0] if len(users) == 1 else None
+
+    def free_link(self, n: gs.Node, first: bool = False) -> bool:
+        """Whether ``n`` may be absorbed (no override; no input gate unless it is the first)."""
+        return n.name not in self.pinned and (first or n.name not in self.gated_nodes)
+
+    def unused(self, tensors) -> bool:
+        return all(not t.name or (t.name not in self.outputs and not self.consumers.get(t.name)) for t in tensors)
+
+
+def _other(node: gs.Node, t: gs.Tensor) -> gs.Tensor | None:
+    """The input of binary ``node`` that is not ``t`` (None if ``t`` is not an input)."""
+    ins = [i for i in node.inputs]
+    if len(ins) != 2:
+        return None
+    if ins[0] is t:
+        return ins[1]
+    if ins[1] is t:
+        return ins[0]
+    return None
+
+
+def _conv_bn(conv: gs.Node, g: _Graph) -> Fusion | None:
+    if conv.op != "Conv" or not g.free_link(conv, first=True) or len(conv.inputs) < 2:
+        return None
+    w = conv.inputs[1]
+    b = conv.inputs[2] if len(conv.inputs) > 2 and conv.inputs[2].name else None
+    if w.name not in g.consts or (b is not None and b.name not in g.consts):
+        return None
+    bn = g.only_consumer(conv.outputs[0])
+    if bn is None or bn.op != "BatchNormalization" or not g.free_link(bn) or bn.inputs[0] is not conv.outputs[0]:
+        return None
+    if not batch_norm_is_inference(bn.attrs, g.opset) or not g.unused(bn.outputs[1:]):
+        return None
+    c_out = g.consts[w.name].shape[0]
+    params = bn.inputs[1:5]
+    if len(params) != 4 or any(p.name not in g.consts or g.consts[p.name].shape != (c_out,) for p in params):
+        return None
+    conv_fn = get_evaluator("Conv", g.opset)
+    bn_node = EvalNode(bn.op, bn.name, dict(bn.attrs), len(bn.outputs))
+
+    def fn(node: EvalNode, vals: list, ctx: EvalContext) -> list:
+        x, w_, b_, scale, bias, mean, var = vals
+        mul, shift = batch_norm_affine(bn_node, scale, bias, mean, var)
+        w2 = w_ * mul.reshape((-1,) + (1,) * (w_.dim() - 1))
+        b2 = shift if b_ is None else b_ * mul + shift
+        return conv_fn(node, [x, w2, b2], ctx)
+
+    ins = tuple(t.name for t in conv.inputs) + ("",) * (3 - len(conv.inputs))
+    return Fusion((conv, bn), "Conv+BatchNormalization", ins + tuple(p.name for p in params),
+                  (bn.outputs[0].name,), fn)
+
+
+def _hardswish_fn(node, vals, ctx):
+    return [F.hardswish(vals[0])]
+
+
+def _silu_fn(node, vals, ctx):
+    return [F.silu(vals[0])]
+
+
+def _times_x(first: gs.Node, x: gs.Tensor, t: gs.Tensor, g: _Graph) -> gs.Node | None:
+    """The ``Mul(x, t)`` (either order) that alone consumes ``t``, else None."""
+    mul = g.only_consumer(t)
+    if mul is None or mul.op != "Mul" or not g.free_link(mul) or _other(mul, t) is not x:
+        return None
+    return mul
+
+
+def _hardswish_chain(add: gs.Node, g: _Graph) -> Fusion | None:
+    """Add(x, 3) -> Clip(0, 6) -> Mul(x, .) -> Div(., 6)."""
+    if add.op != "Add" or len(add.inputs) != 2 or not g.free_link(add) or add.name in g.gated_nodes:
+        return None
+    x, three = add.inputs
+    if _scalar(three, g.consts) != 3.0:
+        x, three = three, x
+        if _scalar(three, g.consts) != 3.0:
+            return None
+    if x.name in g.consts:
+        return None
+    clip = g.only_consumer(add.outputs[0])
+    if clip is None or clip.op != "Clip" or not g.free_link(clip) or clip.inputs[0] is not add.outputs[0]:
+        return None
+    if g.opset < 11:
+        lo, hi = clip.attrs.get("min"), clip.attrs.get("max")
+    else:
+        lo = _scalar(clip.inputs[1], g.consts) if len(clip.inputs) > 1 else None
+        hi = _scalar(clip.inputs[2], g.consts) if len(clip.inputs) > 2 else None
+    if lo is None or hi is None or float(lo) != 0.0 or float(hi) != 6.0:
+        return None
+    mul = _times_x(add, x, clip.outputs[0], g)
+    if mul is None:
+        return None
+    div = g.only_consumer(mul.outputs[0])
+    if div is None or div.op != "Div" or not g.free_link(div) or div.inputs[0] is not mul.outputs[0] \
+            or _scalar(div.inputs[1], g.consts) != 6.0:
+        return None
+    return Fusion((add, clip, mul, div), "HardSwish(Add,Clip,Mul,Div)", (x.name,), (div.outputs[0].name,),
+                  _hardswish_fn)
+
+
+def _gate_chain(first: gs.Node, g: _Graph) -> Fusion | None:
+    """HardSigmoid(x; 1/6, 0.5) -> Mul(x, .) (hard-swish) and Sigmoid(x) -> Mul(x, .) (SiLU)."""
+    if first.op not in ("HardSigmoid", "Sigmoid") or not g.free_link(first) or first.name in g.gated_nodes:
+        return None
+    x = first.inputs[0]
+    if first.op == "HardSigmoid":
+        alpha, beta = float(first.attrs.get("alpha", 0.2)), float(first.attrs.get("beta", 0.5))
+        if alpha != float(np.float32(1 / 6)) or beta != 0.5:
+            return None
+    mul = _times_x(first, x, first.outputs[0], g)
+    if mul is None:
+        return None
+    if first.op == "HardSigmoid":
+        return Fusion((first, mul), "HardSwish(HardSigmoid,Mul)", (x.name,), (mul.outputs[0].name,), _hardswish_fn)
+    return Fusion((first, mul), "SiLU(Sigmoid,Mul)", (x.name,), (mul.outputs[0].name,), _silu_fn)
+
+
+_MATCHERS = (_conv_bn, _hardswish_chain, _gate_chain)
+
+
+def find_fusions(nodes: list[gs.Node], outputs: Collection[str], consts: Mapping[str, np.ndarray], opset: int, *,
+                 pinned_nodes: Collection[str] = (), gated_nodes: Collection[str] = (),
+                 gated_tensors: Collection[str] = ()) -> dict[str, Fusion]:
+    """The fusable chains of a toposorted node list.
+
+    Args:
+        nodes: the graph's nodes in evaluation order.
+        outputs: graph output names (never inner tensors of a chain).
+        consts: initializer values by name (numpy); a pattern's constants must be here.
+        opset: the default-domain opset.
+        pinned_nodes: nodes with an override (never part of a chain).
+        gated_nodes: nodes with input gates (only the first link of a chain may have them).
+        gated_tensors: tensors with a tensor gate (never inner tensors of a chain).
+
+    Returns:
+        ``{id() of the chain's first node: Fusion}``; chains do not overlap.
+    """
+    g = _Graph(nodes, outputs, consts, pinned_nodes, gated_nodes, gated_tensors, opset)
+    taken: set[int] = set()
+    found: dict[int, Fusion] = {}
+    for n in nodes:
+        if id(n) in taken:
+            continue
+        for match in _MATCHERS:
+            f = match(n, g)
+            if f is not None and not any(id(m) in taken for m in f.nodes):
+                found[id(n)] = f
+                taken.update(id(m) for m in f.nodes)
+                break
+    return found
