@@ -29,6 +29,14 @@ class EvalNode:
 
 @dataclass(frozen=True)
 class EvalContext:
-    """Model-level facts an op's evaluation may need: the default-domain opset."""
+    """Model-level facts an op's evaluation may need.
+
+    Attributes:
+        opset: the default-domain opset.
+        channels_last: 4-D activations run in ``torch.channels_last`` memory layout; an op
+            that creates a 4-D activation from inputs whose layout is ambiguous (e.g. a
+            Conv reading one channel) returns it in that layout.
+    """
 
     opset: int
+    channels_last: bool = False

@@ -17,7 +17,9 @@ A chain is fused only when nothing can observe its inner tensors: every inner te
 has exactly one consumer (the next link), is no graph output and carries no gate, and
 no link but the first has an input gate or an override (the first link's input gates
 still apply, its inputs keep their indices). Scalar constants of a pattern (3, 6, 0,
-alpha, beta) are read once, from the initializers, when the chain is found.
+alpha, beta) are read once, from the initializers, when the chain is found, and are
+constants of the fused step: no gradient reaches them (nothing trains or scores them:
+they are no weights, see :func:`onnxprune.recover.training.trainable_initializers`).
 """
 
 from __future__ import annotations

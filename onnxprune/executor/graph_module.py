@@ -120,6 +120,7 @@ class TorchGraph(nn.Module):
             channels_last = any(n.op == "Conv" and len(n.inputs) > 1 and len(n.inputs[1].shape or ()) == 4
                                 for n in self._nodes)
         self.channels_last = bool(channels_last)
+        self._ctx = EvalContext(self.opset, self.channels_last)
         self._program: Program | None = None
         self._compile = compile
         self._compiled: Callable | None = None
