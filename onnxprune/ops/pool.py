@@ -227,17 +227,11 @@ def _pool(node, x, ctx):
     if n not in (1, 2, 3):
         raise unsupported(node, f"{n}-D pooling")
     op = node.op
-    kernel = attr_ints(node, "kernel_shape")
-    strides = attr_ints(node, "strides", [1] * n)
-    dil = attr_ints(node, "dilations", [1] * n)
-    ceil_mode = bool(int(node.attrs.get("ceil_mode", 0)))
     sizes = list(x.shape[2:])
-    pads = auto_pads(node, sizes, kernel, strides, dil)
-    begin, end = pads[:n], pads[n:]
-    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
-    out = [pool_out_size(sizes[i], kernel[i], strides[i], dil[i], begin[i], end[i], ceil_mode) for i in range(n)]
-    # end padding that makes a floor-mode pooling produce ``out`` windows
-    end_full = [max(end[i], (out[i] - 1) * strides[i] + eff[i] - sizes[i] - begin[i]) for i in range(n)]
+    spec = node.cache.get("pool")
+    if spec is None or spec[0] != sizes:  # attributes parsed once per input size
+        spec = node.cache["pool"] = (sizes, _pool_spec(node, n, sizes))
+    kernel, strides, dil, begin, end, out, end_full = spec[1]
     if any(o <= 0 for o in out):  # no window fits: empty outputs
         shape = tuple(x.shape[:2]) + tuple(max(o, 0) for o in out)
         empty = [x.new_zeros(shape), torch.zeros(shape, dtype=torch.int64, device=x.device)]
@@ -282,6 +276,22 @@ def _pool(node, x, ctx):
         xp = F.pad(x.abs().pow(p), torch_pad_arg(begin, end_full))
         return [_crop(_window_sum(xp, kernel, strides, dil), out).pow(1.0 / p)]
     raise unsupported(node, op)
+
+
+def _pool_spec(node, n: int, sizes: list[int]):
+    """(kernel, strides, dilations, begin pads, end pads, output sizes, end pads of the
+    equivalent floor-mode pooling) of a pooling node on spatial ``sizes``."""
+    kernel = attr_ints(node, "kernel_shape")
+    strides = attr_ints(node, "strides", [1] * n)
+    dil = attr_ints(node, "dilations", [1] * n)
+    ceil_mode = bool(int(node.attrs.get("ceil_mode", 0)))
+    pads = auto_pads(node, sizes, kernel, strides, dil)
+    begin, end = pads[:n], pads[n:]
+    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
+    out = [pool_out_size(sizes[i], kernel[i], strides[i], dil[i], begin[i], end[i], ceil_mode) for i in range(n)]
+    # end padding that makes a floor-mode pooling produce ``out`` windows
+    end_full = [max(end[i], (out[i] - 1) * strides[i] + eff[i] - sizes[i] - begin[i]) for i in range(n)]
+    return kernel, strides, dil, begin, end, out, end_full
 
 
 def _crop(y, out):
