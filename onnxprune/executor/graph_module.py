@@ -223,10 +223,11 @@ class TorchGraph(nn.Module):
             s = self._slot_of.get(name)
             if s is not None:
                 env[s] = v
-        for s, p in zip(self._param_slots, self._params):
+        params = list(self._params._parameters.values())  # ParameterList's own indexing is slow
+        for s, p in zip(self._param_slots, params):
             env[s] = p
         if self._const_slots:
-            dev = next(iter(self._params), torch.empty(0)).device
+            dev = params[0].device if params else torch.device("cpu")
             for s, name in self._const_slots:
                 c = self._consts[name]
                 if c.device != dev:
