@@ -73,6 +73,14 @@ def _silu(rng):
     return make_model(nodes, {"x": x}, ["y"]), {"x": x}
 
 
+def _matmul_add(rng, rank: int = 2):
+    a = _f32(rng.standard_normal((3, 5) if rank == 2 else (2, 3, 5)))
+    inits = {"B": _f32(rng.standard_normal((5, 4))), "bias": _f32(rng.standard_normal(4))}
+    nodes = [helper.make_node("MatMul", ["x", "B"], ["m"], name="mm"),
+             helper.make_node("Add", ["bias", "m"], ["y"], name="add")]
+    return make_model(nodes, {"x": a}, ["y"], inits), {"x": a}
+
+
 FUSED = {
     "conv_bn": (_conv_bn, "Conv+BatchNormalization"),
     "conv_bn_nobias": (lambda r: _conv_bn(r, bias=False), "Conv+BatchNormalization"),
@@ -81,6 +89,8 @@ FUSED = {
     "hardswish_chain_swapped": (lambda r: _hardswish_chain(r, swap=True), "HardSwish(Add,Clip,Mul,Div)"),
     "hardsigmoid_mul": (_hardsigmoid_mul, "HardSwish(HardSigmoid,Mul)"),
     "silu": (_silu, "SiLU(Sigmoid,Mul)"),
+    "matmul_add": (_matmul_add, "Linear(MatMul,Add)"),
+    "matmul_add_3d": (lambda r: _matmul_add(r, 3), "Linear(MatMul,Add)"),
 }
 
 
@@ -264,3 +274,16 @@ def test_every_value_is_released_after_its_last_use(name: str) -> None:
             assert s in prog.steps[k].frees, f"slot {s} is not freed by step {k} ({prog.steps[k].op})"
     for k, step in enumerate(prog.steps):
         assert not set(step.frees) & set(prog.output_slots)
+
+
+def test_compile_is_off_by_default_and_refused_without_a_toolchain(monkeypatch) -> None:
+    from onnxprune.errors import OnnxPruneError
+    from onnxprune.executor import compiling
+
+    assert compiling.compile_default() is False
+    monkeypatch.setattr(compiling.shutil, "which", lambda name: None)
+    assert "C++ compiler" in compiling.missing_toolchain("cpu")
+    model, feeds = _silu(_rng(0))
+    tg = TorchGraph(model, compile=True)
+    with pytest.raises(OnnxPruneError, match="C\\+\\+ compiler"):
+        tg(**torch_feeds(feeds))

@@ -11,7 +11,9 @@ call instead:
   forward (weight-sized work, differentiable in every parameter), as onnxruntime does;
 - ``Add(x, 3) -> Clip(0, 6) -> Mul(x, .) -> Div(., 6)`` and
   ``HardSigmoid(x; alpha=1/6, beta=0.5) -> Mul(x, .)``: ``F.hardswish(x)``;
-- ``Sigmoid(x) -> Mul(x, .)``: ``F.silu(x)``.
+- ``Sigmoid(x) -> Mul(x, .)``: ``F.silu(x)``;
+- ``MatMul(A, B) -> Add(., bias)`` with constant 2-D B and 1-D bias: ``F.linear`` (one
+  GEMM with the bias, as Gemm's ``addmm``).
 
 A chain is fused only when nothing can observe its inner tensors: every inner tensor
 has exactly one consumer (the next link), is no graph output and carries no gate, and
@@ -202,7 +204,30 @@ def _gate_chain(first: gs.Node, g: _Graph) -> Fusion | None:
     return Fusion((first, mul), "SiLU(Sigmoid,Mul)", (x.name,), (mul.outputs[0].name,), _silu_fn)
 
 
-_MATCHERS = (_conv_bn, _hardswish_chain, _gate_chain)
+def _linear_fn(node, vals, ctx):
+    a, b, bias = vals
+    return [F.linear(a, b.t(), bias)]
+
+
+def _matmul_add(mm: gs.Node, g: _Graph) -> Fusion | None:
+    """MatMul(A, B) -> Add(., bias), B a 2-D float initializer, bias a 1-D one of B's width."""
+    if mm.op != "MatMul" or len(mm.inputs) != 2 or not g.free_link(mm, first=True):
+        return None
+    b = g.consts.get(mm.inputs[1].name)
+    if b is None or b.ndim != 2 or b.dtype.kind != "f":
+        return None
+    add = g.only_consumer(mm.outputs[0])
+    if add is None or add.op != "Add" or not g.free_link(add):
+        return None
+    bias = _other(add, mm.outputs[0])
+    arr = g.consts.get(bias.name) if bias is not None else None
+    if arr is None or arr.shape != (b.shape[1],) or arr.dtype != b.dtype:
+        return None
+    return Fusion((mm, add), "Linear(MatMul,Add)", (mm.inputs[0].name, mm.inputs[1].name, bias.name),
+                  (add.outputs[0].name,), _linear_fn)
+
+
+_MATCHERS = (_conv_bn, _hardswish_chain, _gate_chain, _matmul_add)
 
 
 def find_fusions(nodes: list[gs.Node], outputs: Collection[str], consts: Mapping[str, np.ndarray], opset: int, *,

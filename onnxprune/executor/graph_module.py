@@ -22,6 +22,7 @@ from torch import nn
 
 from onnxprune.analysis.analyze import model_opset
 from onnxprune.errors import OnnxPruneError, UnsupportedModelError, first_line
+from onnxprune.executor.compiling import compile_default, compiled
 from onnxprune.executor.context import EvalContext
 from onnxprune.executor.program import Program, build_program, eval_nodes
 from onnxprune.ops.registry import get_evaluator
@@ -49,8 +50,9 @@ class TorchGraph(nn.Module):
             2-D Conv (torch's CPU and CUDA convolutions are faster in that layout).
         fuse: run chains that one torch kernel computes exactly as one step (Conv+BN,
             hard-swish, SiLU: :mod:`onnxprune.executor.fusion`).
-        compile: evaluate through ``torch.compile`` (see :func:`compile_default`);
-            None (default): :func:`compile_default` decides (off on CPU).
+        compile: run the step loop through ``torch.compile``; None (default): off
+            (measured not to pay, :mod:`onnxprune.executor.compiling`). Raises
+            OnnxPruneError at the first forward where inductor's toolchain is missing.
 
     Raises:
         UnsupportedModelError: when an op has no torch evaluation (the message lists
@@ -210,7 +212,8 @@ class TorchGraph(nn.Module):
         Raises:
             OnnxPruneError: a node's evaluation raised a torch RuntimeError (e.g. a
                 hard-coded batch in a Reshape, see :mod:`onnxprune.batching`); the message
-                names the node, its op and its input shapes.
+                names the node, its op and its input shapes. With ``compile=True``: the
+                platform lacks torch.compile's toolchain.
         """
         prog = self.program()
         env: list = [None] * prog.n_slots
@@ -233,7 +236,7 @@ class TorchGraph(nn.Module):
                 if c.device != dev:
                     c = self._consts[name] = c.to(dev)
                 env[s] = c
-        self._runner()(prog.steps, env, self._ctx)
+        self._runner(env[prog.input_slots[0]] if prog.input_slots else None)(prog.steps, env, self._ctx)
         return tuple(o.contiguous() if o.dim() == 4 else o for o in (env[s] for s in prog.output_slots))
 
     def _feed(self, v: torch.Tensor) -> torch.Tensor:
@@ -244,13 +247,14 @@ class TorchGraph(nn.Module):
             v = v.contiguous(memory_format=torch.channels_last)
         return v
 
-    def _runner(self) -> Callable:
+    def _runner(self, x: torch.Tensor | None) -> Callable:
+        """The step loop: eager, or compiled when asked (:mod:`onnxprune.executor.compiling`)."""
         if self._compile is None:
             self._compile = compile_default()
         if not self._compile:
             return run_steps
         if self._compiled is None:
-            self._compiled = torch.compile(run_steps, dynamic=False)
+            self._compiled = compiled(run_steps, x.device.type if x is not None else "cpu")
         return self._compiled
 
     def write_back(self, model: onnx.ModelProto) -> onnx.ModelProto:
@@ -302,12 +306,6 @@ def run_steps(steps, env: list, ctx: EvalContext) -> None:
         for s in step.frees:
             env[s] = None
     return None
-
-
-def compile_default() -> bool:
-    """Whether TorchGraph uses ``torch.compile`` by default: never (measured not to pay
-    on CPU, see tools/bench_executor.py; a GPU run may pass ``compile=True``)."""
-    return False
 
 
 def to_torch(feeds: Mapping[str, np.ndarray], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
