@@ -360,6 +360,8 @@ NEAREST_HALF_FLOOR = dict(mode="nearest", coordinate_transformation_mode="half_p
                           nearest_mode="round_prefer_floor")
 case("resize_nearest_asym_floor_scales2", _resize_case((1, 3, 4, 5), scales=[1, 1, 2, 2], **NEAREST_ASYM_FLOOR))
 case("resize_nearest_asym_floor_scales3x2", _resize_case((2, 2, 3, 4), scales=[1, 1, 3, 2], **NEAREST_ASYM_FLOOR))
+case("resize_nearest_asym_floor_scales4x2", _resize_case((2, 3, 3, 5), scales=[1, 1, 4, 2], **NEAREST_ASYM_FLOOR))
+case("resize_nearest_asym_floor_sizes_x2", _resize_case((1, 3, 5, 4), sizes=[1, 3, 10, 8], **NEAREST_ASYM_FLOOR))
 case("resize_nearest_asym_floor_sizes", _resize_case((1, 3, 4, 4), sizes=[1, 3, 10, 6], **NEAREST_ASYM_FLOOR))
 case("resize_nearest_asym_floor_down0_5", _resize_case((1, 2, 8, 6), scales=[1, 1, 0.5, 0.5], **NEAREST_ASYM_FLOOR))
 case("resize_nearest_default_scales2", _resize_case((1, 3, 4, 5), scales=[1, 1, 2, 2], mode="nearest"))

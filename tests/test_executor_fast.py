@@ -81,6 +81,35 @@ def _matmul_add(rng, rank: int = 2):
     return make_model(nodes, {"x": a}, ["y"], inits), {"x": a}
 
 
+def _conv_affine(rng, bn: bool, mul_shape, add_shape, width: int = 7):
+    """Conv [-> BN] [-> Mul(., c)] [-> Add(c, .)] (the learnable affine block of PP-OCRv4)."""
+    model, feeds = _conv_bn(rng) if bn else _conv_bn(rng)
+    nodes = list(model.graph.node) if bn else [model.graph.node[0]]
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    if not bn:
+        nodes[0].output[0] = "y"
+        for k in ("scale", "bias", "mean", "var"):
+            inits.pop(k)
+    last = "y"
+    if mul_shape is not None:
+        inits["s"] = _f32(rng.uniform(0.5, 1.5, mul_shape))
+        nodes.append(helper.make_node("Mul", [last, "s"], ["ym"], name="mul"))
+        last = "ym"
+    if add_shape is not None:
+        inits["t"] = _f32(rng.standard_normal(add_shape))
+        nodes.append(helper.make_node("Add", ["t", last], ["ya"], name="add"))
+        last = "ya"
+    return make_model(nodes, feeds, [last], inits), feeds
+
+
+def _mul_add(rng):
+    x = _f32(rng.standard_normal((2, 4, 5, 5)))
+    inits = {"s": _f32([1.5]), "t": _f32(rng.standard_normal((4, 1, 1)))}
+    nodes = [helper.make_node("Mul", ["s", "x"], ["m"], name="mul"),
+             helper.make_node("Add", ["m", "t"], ["y"], name="add")]
+    return make_model(nodes, {"x": x}, ["y"], inits), {"x": x}
+
+
 FUSED = {
     "conv_bn": (_conv_bn, "Conv+BatchNormalization"),
     "conv_bn_nobias": (lambda r: _conv_bn(r, bias=False), "Conv+BatchNormalization"),
@@ -90,6 +119,12 @@ FUSED = {
     "hardsigmoid_mul": (_hardsigmoid_mul, "HardSwish(HardSigmoid,Mul)"),
     "silu": (_silu, "SiLU(Sigmoid,Mul)"),
     "matmul_add": (_matmul_add, "Linear(MatMul,Add)"),
+    "conv_mul_add_scalars": (lambda r: _conv_affine(r, False, (1,), (1,)), "Conv+Mul+Add"),
+    "conv_bn_mul_add_channels": (lambda r: _conv_affine(r, True, (1, 8, 1, 1), (8, 1, 1)),
+                                 "Conv+BatchNormalization+Mul+Add"),
+    "conv_add_channels": (lambda r: _conv_affine(r, False, None, (8, 1, 1)), "Conv+Add"),
+    "conv_bn_mul_scalar": (lambda r: _conv_affine(r, True, (), None), "Conv+BatchNormalization+Mul"),
+    "mul_add": (_mul_add, "Affine(Mul,Add)"),
     "matmul_add_3d": (lambda r: _matmul_add(r, 3), "Linear(MatMul,Add)"),
 }
 
@@ -203,6 +238,14 @@ def test_shared_inner_tensor_is_not_fused() -> None:
     assert "HardSwish(Add,Clip,Mul,Div)" not in _ops(tg)
     for g, r in zip(torch_run(tg, feeds), ort_run(model, feeds)):
         assert_close(g, r)
+
+
+def test_conv_add_along_width_is_not_folded() -> None:
+    """Add(conv, c) with c [W] broadcasts along the width, not the channels: no folding."""
+    model, feeds = _conv_affine(_rng(2), False, None, (7,))
+    tg = TorchGraph(model, requires_grad=False)
+    assert _ops(tg) == ["Conv", "Add"]
+    assert_close(torch_run(tg, feeds)[0], ort_run(model, feeds)[0])
 
 
 def test_hardsigmoid_other_alpha_is_not_fused() -> None:

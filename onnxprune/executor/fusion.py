@@ -6,9 +6,12 @@ BatchNormalization after a Conv. Evaluated node by node each link is one pass ov
 activation; :func:`find_fusions` finds the chains that the executor may run as one torch
 call instead:
 
-- ``Conv -> BatchNormalization`` (inference BN, constant 1-D parameters): the BN's
-  per-channel scale and shift are folded into the Conv's weight and bias at every
-  forward (weight-sized work, differentiable in every parameter), as onnxruntime does;
+- ``Conv -> [BatchNormalization] -> [Mul(., c)] -> [Add(., c)]`` (inference BN with
+  constant 1-D parameters; ``c`` constants with one value per channel or one value, the
+  "learnable affine blocks" of PP-OCRv4): the per-channel scale and shift are folded
+  into the Conv's weight and bias at every forward (weight-sized work, differentiable in
+  every parameter), as onnxruntime does;
+- ``Mul(x, c1) -> Add(., c2)`` with constant ``c1``, ``c2``: ``torch.addcmul`` (one pass);
 - ``Add(x, 3) -> Clip(0, 6) -> Mul(x, .) -> Div(., 6)`` and
   ``HardSigmoid(x; alpha=1/6, beta=0.5) -> Mul(x, .)``: ``F.hardswish(x)``;
 - ``Sigmoid(x) -> Mul(x, .)``: ``F.silu(x)``;
@@ -33,7 +36,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.executor.context import EvalContext, EvalNode
-from onnxprune.ops._torch import F
+from onnxprune.ops._torch import F, torch
 from onnxprune.ops.norm import batch_norm_affine, batch_norm_is_inference
 from onnxprune.ops.registry import get_evaluator
 
@@ -108,35 +111,104 @@ def _other(node: gs.Node, t: gs.Tensor) -> gs.Tensor | None:
     return None
 
 
-def _conv_bn(conv: gs.Node, g: _Graph) -> Fusion | None:
+def _channel_const(t: gs.Tensor | None, g: _Graph, c_out: int, rank: int) -> bool:
+    """Whether ``t`` is a float initializer that broadcasts against a Conv output [N, C, ...]
+    of ``rank`` dims as one value per channel (or one value): () / (1,) / (1, C, 1, ...) /
+    (C, 1, ...)."""
+    arr = g.consts.get(t.name) if t is not None and t.name else None
+    if arr is None or arr.dtype.kind != "f" or arr.ndim > rank:
+        return False
+    if arr.size == 1:
+        return True
+    ones = (1,) * (rank - 2)
+    return arr.shape in ((1, c_out) + ones, (c_out,) + ones)
+
+
+def _conv_affine(conv: gs.Node, g: _Graph) -> Fusion | None:
+    """Conv -> [BatchNormalization] -> [Mul(., c)] -> [Add(., c)], at least one of the three."""
     if conv.op != "Conv" or not g.free_link(conv, first=True) or len(conv.inputs) < 2:
         return None
     w = conv.inputs[1]
     b = conv.inputs[2] if len(conv.inputs) > 2 and conv.inputs[2].name else None
     if w.name not in g.consts or (b is not None and b.name not in g.consts):
         return None
-    bn = g.only_consumer(conv.outputs[0])
-    if bn is None or bn.op != "BatchNormalization" or not g.free_link(bn) or bn.inputs[0] is not conv.outputs[0]:
-        return None
-    if not batch_norm_is_inference(bn.attrs, g.opset) or not g.unused(bn.outputs[1:]):
-        return None
-    c_out = g.consts[w.name].shape[0]
-    params = bn.inputs[1:5]
-    if len(params) != 4 or any(p.name not in g.consts or g.consts[p.name].shape != (c_out,) for p in params):
+    c_out, rank = g.consts[w.name].shape[0], g.consts[w.name].ndim
+    links, steps = [conv], []
+    ins = [t.name for t in conv.inputs] + [""] * (3 - len(conv.inputs))
+    t = conv.outputs[0]
+    nxt = g.only_consumer(t)
+    if nxt is not None and nxt.op == "BatchNormalization" and g.free_link(nxt) and nxt.inputs[0] is t \
+            and batch_norm_is_inference(nxt.attrs, g.opset) and g.unused(nxt.outputs[1:]) \
+            and len(nxt.inputs) == 5 \
+            and all(p.name in g.consts and g.consts[p.name].shape == (c_out,) for p in nxt.inputs[1:5]):
+        steps.append(("bn", len(ins), EvalNode(nxt.op, nxt.name, dict(nxt.attrs), len(nxt.outputs))))
+        ins += [p.name for p in nxt.inputs[1:5]]
+        links.append(nxt)
+        t = nxt.outputs[0]
+        nxt = g.only_consumer(t)
+    for op in ("Mul", "Add"):
+        if nxt is None or nxt.op != op or not g.free_link(nxt):
+            continue
+        c = _other(nxt, t)
+        if not _channel_const(c, g, c_out, rank):
+            continue
+        steps.append((op, len(ins), None))
+        ins.append(c.name)
+        links.append(nxt)
+        t = nxt.outputs[0]
+        nxt = g.only_consumer(t)
+    if len(links) == 1:
         return None
     conv_fn = get_evaluator("Conv", g.opset)
-    bn_node = EvalNode(bn.op, bn.name, dict(bn.attrs), len(bn.outputs))
 
     def fn(node: EvalNode, vals: list, ctx: EvalContext) -> list:
-        x, w_, b_, scale, bias, mean, var = vals
-        mul, shift = batch_norm_affine(bn_node, scale, bias, mean, var)
-        w2 = w_ * mul.reshape((-1,) + (1,) * (w_.dim() - 1))
-        b2 = shift if b_ is None else b_ * mul + shift
-        return conv_fn(node, [x, w2, b2], ctx)
+        x, w_, b_ = vals[0], vals[1], vals[2]
+        mul = shift = None  # y = conv(x, w, b) * mul + shift, each per channel (or scalar)
+        for kind, pos, bn_node in steps:
+            if kind == "bn":
+                m, sft = batch_norm_affine(bn_node, *vals[pos:pos + 4])
+            elif kind == "Mul":
+                m, sft = vals[pos].reshape(-1), None
+            else:
+                m, sft = None, vals[pos].reshape(-1)
+            if m is not None:
+                mul = m if mul is None else mul * m
+                shift = None if shift is None else shift * m
+            if sft is not None:
+                shift = sft if shift is None else shift + sft
+        if mul is not None:
+            w_ = w_ * mul.reshape((-1,) + (1,) * (w_.dim() - 1))
+            b_ = None if b_ is None else b_ * mul
+        if shift is not None:
+            b_ = shift if b_ is None else b_ + shift
+            if b_.numel() == 1:
+                b_ = b_.expand(w_.shape[0])
+        return conv_fn(node, [x, w_, b_], ctx)
 
-    ins = tuple(t.name for t in conv.inputs) + ("",) * (3 - len(conv.inputs))
-    return Fusion((conv, bn), "Conv+BatchNormalization", ins + tuple(p.name for p in params),
-                  (bn.outputs[0].name,), fn)
+    return Fusion(tuple(links), "+".join(n.op for n in links), tuple(ins), (t.name,), fn)
+
+
+def _affine_fn(node, vals, ctx):
+    x, scale, shift = vals
+    return [torch.addcmul(shift, x, scale)]
+
+
+def _mul_add(mul: gs.Node, g: _Graph) -> Fusion | None:
+    """Mul(x, c1) -> Add(., c2), c1 and c2 float initializers: ``addcmul(c2, x, c1)``."""
+    if mul.op != "Mul" or len(mul.inputs) != 2 or not g.free_link(mul) or mul.name in g.gated_nodes:
+        return None
+    x, c1 = mul.inputs
+    if c1.name not in g.consts:
+        x, c1 = c1, x
+    if c1.name not in g.consts or x.name in g.consts or g.consts[c1.name].dtype.kind != "f":
+        return None
+    add = g.only_consumer(mul.outputs[0])
+    if add is None or add.op != "Add" or not g.free_link(add):
+        return None
+    c2 = _other(add, mul.outputs[0])
+    if c2 is None or c2.name not in g.consts or g.consts[c2.name].dtype != g.consts[c1.name].dtype:
+        return None
+    return Fusion((mul, add), "Affine(Mul,Add)", (x.name, c1.name, c2.name), (add.outputs[0].name,), _affine_fn)
 
 
 def _hardswish_fn(node, vals, ctx):
@@ -227,7 +299,7 @@ def _matmul_add(mm: gs.Node, g: _Graph) -> Fusion | None:
                   (add.outputs[0].name,), _linear_fn)
 
 
-_MATCHERS = (_conv_bn, _hardswish_chain, _gate_chain, _matmul_add)
+_MATCHERS = (_conv_affine, _hardswish_chain, _gate_chain, _matmul_add, _mul_add)
 
 
 def find_fusions(nodes: list[gs.Node], outputs: Collection[str], consts: Mapping[str, np.ndarray], opset: int, *,

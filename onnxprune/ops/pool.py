@@ -444,6 +444,22 @@ def _resize_axis(node, x, ax: int, out: int, scale: float, mode: str, coord: str
     return y
 
 
+def _pow2_upsample(x, mode: str, coord: str, nearest: str, in_sizes, out_sizes, scale_of):
+    """(k_h, k_w) when a Resize is a nearest asymmetric/floor upsampling of the two spatial
+    axes of a 4-D tensor by powers of two (exact in float: source = floor(dst * 2^-j)), else None."""
+    if mode != "nearest" or coord != "asymmetric" or nearest != "floor" or x.dim() != 4:
+        return None
+    if out_sizes[:2] != in_sizes[:2]:
+        return None
+    ks = []
+    for a in (2, 3):
+        k = scale_of[a]
+        if k < 1 or k != int(k) or int(k) & (int(k) - 1) or out_sizes[a] != in_sizes[a] * int(k):
+            return None
+        ks.append(float(k))
+    return tuple(ks)
+
+
 def _resize(node, inputs, ctx):
     x = inputs[0]
     rank = x.dim()
@@ -507,6 +523,9 @@ def _resize(node, inputs, ctx):
     extrap = float(node.attrs.get("extrapolation_value", 0.0))
     if out_sizes == in_sizes and coord != "tf_crop_and_resize":
         return x  # onnxruntime copies the input whenever the shape does not change
+    k = _pow2_upsample(x, mode, coord, nearest, in_sizes, out_sizes, scale_of)
+    if k is not None:  # torch's kernel computes the same floor(dst / k) source indices
+        return F.interpolate(x, scale_factor=k, mode="nearest")
     y = x
     for a in range(rank):
         r = roi.get(a, (0.0, 1.0)) if roi is not None else None
