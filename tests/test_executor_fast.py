@@ -110,6 +110,14 @@ def _mul_add(rng):
     return make_model(nodes, {"x": x}, ["y"], inits), {"x": x}
 
 
+def _relu_maxpool(rng):
+    x = _f32(rng.standard_normal((2, 3, 7, 6)))
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("MaxPool", ["r"], ["y"], name="pool", kernel_shape=[3, 2], strides=[2, 2],
+                              pads=[1, 0, 1, 0])]
+    return make_model(nodes, {"x": x}, ["y"]), {"x": x}
+
+
 FUSED = {
     "conv_bn": (_conv_bn, "Conv+BatchNormalization"),
     "conv_bn_nobias": (lambda r: _conv_bn(r, bias=False), "Conv+BatchNormalization"),
@@ -125,6 +133,7 @@ FUSED = {
     "conv_add_channels": (lambda r: _conv_affine(r, False, None, (8, 1, 1)), "Conv+Add"),
     "conv_bn_mul_scalar": (lambda r: _conv_affine(r, True, (), None), "Conv+BatchNormalization+Mul"),
     "mul_add": (_mul_add, "Affine(Mul,Add)"),
+    "relu_maxpool": (_relu_maxpool, "MaxPool+Relu"),
     "matmul_add_3d": (lambda r: _matmul_add(r, 3), "Linear(MatMul,Add)"),
 }
 

@@ -15,6 +15,7 @@ call instead:
 - ``Add(x, 3) -> Clip(0, 6) -> Mul(x, .) -> Div(., 6)`` and
   ``HardSigmoid(x; alpha=1/6, beta=0.5) -> Mul(x, .)``: ``F.hardswish(x)``;
 - ``Sigmoid(x) -> Mul(x, .)``: ``F.silu(x)``;
+- ``Relu -> MaxPool``: pooled first, then ``relu`` on the smaller tensor (equal values);
 - ``MatMul(A, B) -> Add(., bias)`` with constant 2-D B and 1-D bias: ``F.linear`` (one
   GEMM with the bias, as Gemm's ``addmm``).
 
@@ -299,7 +300,25 @@ def _matmul_add(mm: gs.Node, g: _Graph) -> Fusion | None:
                   (add.outputs[0].name,), _linear_fn)
 
 
-_MATCHERS = (_conv_affine, _hardswish_chain, _gate_chain, _matmul_add, _mul_add)
+def _relu_maxpool(relu: gs.Node, g: _Graph) -> Fusion | None:
+    """Relu -> MaxPool (no indices output): ``relu(maxpool(x))``, the same values (a window's
+    max commutes with a non-decreasing function) on a tensor the pooling made smaller."""
+    if relu.op != "Relu" or not g.free_link(relu, first=True):
+        return None
+    pool = g.only_consumer(relu.outputs[0])
+    if pool is None or pool.op != "MaxPool" or not g.free_link(pool) or len(pool.outputs) != 1 \
+            or pool.inputs[0] is not relu.outputs[0]:
+        return None
+    pool_fn = get_evaluator("MaxPool", g.opset)
+    pool_node = EvalNode(pool.op, pool.name, dict(pool.attrs), 1)
+
+    def fn(node: EvalNode, vals: list, ctx: EvalContext) -> list:
+        return [torch.relu(pool_fn(pool_node, vals, ctx)[0])]
+
+    return Fusion((relu, pool), "MaxPool+Relu", (relu.inputs[0].name,), (pool.outputs[0].name,), fn)
+
+
+_MATCHERS = (_relu_maxpool, _conv_affine, _hardswish_chain, _gate_chain, _matmul_add, _mul_add)
 
 
 def find_fusions(nodes: list[gs.Node], outputs: Collection[str], consts: Mapping[str, np.ndarray], opset: int, *,
