@@ -339,3 +339,18 @@ def test_compile_is_off_by_default_and_refused_without_a_toolchain(monkeypatch) 
     tg = TorchGraph(model, compile=True)
     with pytest.raises(OnnxPruneError, match="C\\+\\+ compiler"):
         tg(**torch_feeds(feeds))
+
+
+def test_folded_weights_of_frozen_parameters_follow_in_place_changes() -> None:
+    """With frozen parameters the folded Conv+BN weights are reused between passes, and
+    recomputed after an in-place change of any of them (an optimizer step, ifso's copy_)."""
+    model, feeds = _conv_bn(_rng(4))
+    fused = TorchGraph(model, requires_grad=False)
+    plain = TorchGraph(model, requires_grad=False, fuse=False)
+    for name, change in (("scale", lambda p: p.mul_(2.0)), ("W", lambda p: p.add_(0.1)),
+                         ("var", lambda p: p.copy_(p * 3.0))):
+        for tg in (fused, plain):
+            torch_run(tg, feeds)  # a pass with the old values
+            with torch.no_grad():
+                change(tg.parameter(name))
+        assert_close(torch_run(fused, feeds)[0], torch_run(plain, feeds)[0], what=f"after changing {name}", rel=1e-5)

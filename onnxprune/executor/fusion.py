@@ -161,9 +161,20 @@ def _conv_affine(conv: gs.Node, g: _Graph) -> Fusion | None:
     if len(links) == 1:
         return None
     conv_fn = get_evaluator("Conv", g.opset)
+    memo: dict = {}  # the folded (weight, bias) of frozen parameters, by their identity and version
 
     def fn(node: EvalNode, vals: list, ctx: EvalContext) -> list:
-        x, w_, b_ = vals[0], vals[1], vals[2]
+        params = vals[1:]
+        if any(t is not None and t.requires_grad for t in params):
+            return conv_fn(node, [vals[0], *_fold(vals)], ctx)
+        key = tuple((id(t), t.data_ptr(), t._version) if t is not None else None for t in params)
+        if memo.get("key") != key:
+            memo["key"], memo["wb"] = key, _fold(vals)
+        return conv_fn(node, [vals[0], *memo["wb"]], ctx)
+
+    def _fold(vals: list) -> tuple:
+        """(weight, bias) of the Conv with the chain's per-channel scale and shift folded in."""
+        w_, b_ = vals[1], vals[2]
         mul = shift = None  # y = conv(x, w, b) * mul + shift, each per channel (or scalar)
         for kind, pos, bn_node in steps:
             if kind == "bn":
@@ -184,7 +195,7 @@ def _conv_affine(conv: gs.Node, g: _Graph) -> Fusion | None:
             b_ = shift if b_ is None else b_ + shift
             if b_.numel() == 1:
                 b_ = b_.expand(w_.shape[0])
-        return conv_fn(node, [x, w_, b_], ctx)
+        return w_, b_
 
     return Fusion(tuple(links), "+".join(n.op for n in links), tuple(ins), (t.name,), fn)
 
