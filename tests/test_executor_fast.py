@@ -354,3 +354,27 @@ def test_folded_weights_of_frozen_parameters_follow_in_place_changes() -> None:
             with torch.no_grad():
                 change(tg.parameter(name))
         assert_close(torch_run(fused, feeds)[0], torch_run(plain, feeds)[0], what=f"after changing {name}", rel=1e-5)
+
+
+def test_conv_bn_with_a_weight_bigger_than_the_output_scales_the_output() -> None:
+    """Trainable Conv+BN whose weight outnumbers its output (batch 1, small map): the
+    scale is applied to the output; values and gradients equal the node-by-node ones."""
+    rng = _rng(6)
+    x = _f32(rng.standard_normal((1, 6, 2, 3)))
+    inits = {"W": _f32(rng.standard_normal((16, 6, 3, 3)) * 0.3), "B": _f32(rng.standard_normal(16)),
+             "scale": _f32(rng.uniform(0.5, 1.5, 16)), "bias": _f32(rng.standard_normal(16)),
+             "mean": _f32(rng.standard_normal(16) * 0.1), "var": _f32(rng.uniform(0.5, 2.0, 16))}
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["y"], name="bn")]
+    model = make_model(nodes, {"x": x}, ["y"], inits)
+    ref = ort_run(model, {"x": x})
+    grads = []
+    for fuse in (True, False):
+        tg = TorchGraph(model, fuse=fuse)
+        assert ("Conv+BatchNormalization" in _ops(tg)) == fuse
+        (y,) = tg(torch.from_numpy(x))
+        assert_close(y.detach().numpy(), ref[0])
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        grads.append({n: p.grad for n, p in tg.named_onnx_parameters()})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-5, msg=f"d/d{k}")

@@ -134,8 +134,11 @@ def _input_name(name: str) -> str:
     return next(i.name for i in m.graph.input if i.name not in inits)
 
 
-def bench_stages(lines: int, batch: int) -> dict:
-    """Wall seconds of taylor / ifso scoring and one fine-tuning epoch on ppocr_cls."""
+STAGES = ("taylor", "ifso", "finetune")
+
+
+def bench_stages(lines: int, batch: int, which=STAGES, clock: str = "wall") -> dict:
+    """Seconds (of ``clock``) of taylor / ifso scoring and one fine-tuning epoch on ppocr_cls."""
     import bench_data
 
     from onnxprune.criteria import get_criterion
@@ -146,18 +149,22 @@ def bench_stages(lines: int, batch: int) -> dict:
     x, y = bench_data.text_lines(lines, seed=1)
     data = CalibrationData(x, y, f"{lines} text lines")
     prep = prepare(assets.require("ppocr_cls"), {"x": (1, 3, 48, 192)})
-    out = {"lines": lines, "batch": batch}
+    out = {"lines": lines, "batch": batch, "clock": clock}
+    now = CLOCKS[clock]
     for crit in ("taylor", "ifso"):
+        if crit not in which:
+            continue
         c = get_criterion(crit)
-        t0 = time.perf_counter()
+        t0 = now()
         c.score_with_data(prep.analysis, prep.model, data, batch_size=batch, device="cpu")
-        out[f"{crit}_s"] = time.perf_counter() - t0
+        out[f"{crit}_s"] = now() - t0
         print(json.dumps({crit: out[f"{crit}_s"]}), flush=True)
-    t0 = time.perf_counter()
-    finetune(prep.model, data, options=FinetuneOptions(epochs=1, batch_size=batch, device="cpu", loss="ce"),
-             measure_loss=False)
-    out["finetune_epoch_s"] = time.perf_counter() - t0
-    print(json.dumps({"finetune_epoch_s": out["finetune_epoch_s"]}), flush=True)
+    if "finetune" in which:
+        t0 = now()
+        finetune(prep.model, data, options=FinetuneOptions(epochs=1, batch_size=batch, device="cpu", loss="ce"),
+                 measure_loss=False)
+        out["finetune_epoch_s"] = now() - t0
+        print(json.dumps({"finetune_epoch_s": out["finetune_epoch_s"]}), flush=True)
     return out
 
 
@@ -185,7 +192,7 @@ def table(before: dict | None, after: dict) -> str:
                   "|---|" + "---|" * len(st)]
         for key, label in (("taylor_s", "taylor scoring (s)"), ("ifso_s", "ifso scoring (s)"),
                            ("finetune_epoch_s", "fine-tuning, 1 epoch (s)")):
-            lines.append(f"| {label} | " + " | ".join(f"{s[key]:.1f}" for _, s in st) + " |")
+            lines.append(f"| {label} | " + " | ".join(f"{s[key]:.1f}" if key in s else "-" for _, s in st) + " |")
     return "\n".join(lines)
 
 
@@ -196,6 +203,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--stages", action="store_true", help="also time taylor / ifso / one fine-tuning epoch")
     ap.add_argument("--lines", type=int, default=2048)
+    ap.add_argument("--stage-names", nargs="*", default=list(STAGES), choices=STAGES)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="wall time, or the process's CPU time (robust on a shared machine with --threads 1)")
@@ -216,7 +224,7 @@ def main() -> int:
     for name in args.models:
         result["models"].append(bench_model(name, MODELS[name], args.reps, args.threads, args.compile, args.clock))
     if args.stages:
-        result["stages"] = bench_stages(args.lines, args.batch_size)
+        result["stages"] = bench_stages(args.lines, args.batch_size, args.stage_names, args.clock)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     print(table(None, result))

@@ -164,18 +164,30 @@ def _conv_affine(conv: gs.Node, g: _Graph) -> Fusion | None:
     memo: dict = {}  # the folded (weight, bias) of frozen parameters, by their identity and version
 
     def fn(node: EvalNode, vals: list, ctx: EvalContext) -> list:
+        x, w_ = vals[0], vals[1]
         params = vals[1:]
         if any(t is not None and t.requires_grad for t in params):
-            return conv_fn(node, [vals[0], *_fold(vals)], ctx)
+            # folding costs passes over the weight (and its gradient): when the weight is
+            # bigger than the output (e.g. batch 1), scale the output instead
+            if w_.numel() > x.shape[0] * w_.shape[0] * (x.numel() // max(1, x.shape[0] * x.shape[1])):
+                y = conv_fn(node, [x, w_, vals[2]], ctx)[0]
+                mul, shift = _affine(vals)
+                shape = (1, -1) + (1,) * (y.dim() - 2)
+                if mul is not None:
+                    y = y * mul.reshape(shape) if shift is None else torch.addcmul(shift.reshape(shape), y,
+                                                                                    mul.reshape(shape))
+                elif shift is not None:
+                    y = y + shift.reshape(shape)
+                return [y]
+            return conv_fn(node, [x, *_fold(vals)], ctx)
         key = tuple((id(t), t.data_ptr(), t._version) if t is not None else None for t in params)
         if memo.get("key") != key:
             memo["key"], memo["wb"] = key, _fold(vals)
-        return conv_fn(node, [vals[0], *memo["wb"]], ctx)
+        return conv_fn(node, [x, *memo["wb"]], ctx)
 
-    def _fold(vals: list) -> tuple:
-        """(weight, bias) of the Conv with the chain's per-channel scale and shift folded in."""
-        w_, b_ = vals[1], vals[2]
-        mul = shift = None  # y = conv(x, w, b) * mul + shift, each per channel (or scalar)
+    def _affine(vals: list) -> tuple:
+        """(mul, shift): the chain after the Conv is ``y * mul + shift`` (each [C], [1] or None)."""
+        mul = shift = None
         for kind, pos, bn_node in steps:
             if kind == "bn":
                 m, sft = batch_norm_affine(bn_node, *vals[pos:pos + 4])
@@ -188,6 +200,12 @@ def _conv_affine(conv: gs.Node, g: _Graph) -> Fusion | None:
                 shift = None if shift is None else shift * m
             if sft is not None:
                 shift = sft if shift is None else shift + sft
+        return mul, shift
+
+    def _fold(vals: list) -> tuple:
+        """(weight, bias) of the Conv with the chain's per-channel scale and shift folded in."""
+        w_, b_ = vals[1], vals[2]
+        mul, shift = _affine(vals)
         if mul is not None:
             w_ = w_ * mul.reshape((-1,) + (1,) * (w_.dim() - 1))
             b_ = None if b_ is None else b_ * mul
