@@ -8,6 +8,11 @@ a tensor's channel axis) can be put on any activation tensor, which is how Taylo
 IFSO differentiate the loss with respect to channels.
 
 No torchvision or onnx2torch: the ops are written with ``torch`` functional calls.
+
+Speed (README "Executor speed"): the nodes run as a flat program over integer slots
+(:mod:`onnxprune.executor.program`, values freed after their last use), chains that one
+torch kernel computes exactly run as one step (:mod:`onnxprune.executor.fusion`), conv
+stacks run in ``channels_last``; half-precision models compute in float32.
 """
 
 from __future__ import annotations
@@ -22,57 +27,94 @@ from torch import nn
 
 from onnxprune.analysis.analyze import model_opset
 from onnxprune.errors import OnnxPruneError, UnsupportedModelError, first_line
-from onnxprune.executor.context import EvalContext, EvalNode
+from onnxprune.executor.compiling import compile_default, compiled
+from onnxprune.executor.context import EvalContext
+from onnxprune.executor.program import Program, build_program, eval_nodes
 from onnxprune.ops.registry import get_evaluator
+
+
+_HALF = ("float16", "bfloat16")
 
 
 class TorchGraph(nn.Module):
     """A differentiable torch copy of an ONNX model.
 
-    Float initializers keep their dtype (float32, float16, float64); feeds must have the
-    graph inputs' dtypes, as in onnxruntime.
+    Float32 and float64 initializers keep their dtype. Half-precision ones (float16,
+    bfloat16) are held and computed in float32: half-precision feeds are cast up at the
+    input, ``Cast`` to a half type rounds to it but keeps float32 storage, and the graph
+    outputs come back in float32 (:meth:`write_back` casts every parameter back to its
+    initializer's own dtype). Other feeds must have the graph inputs' dtypes, as in
+    onnxruntime.
 
     Args:
         model: a canonical model (weights as initializers).
         requires_grad: whether float initializers are trainable parameters.
+        channels_last: run 4-D activations in ``torch.channels_last`` (4-D graph inputs
+            are converted once at the input; every op then keeps or ignores the layout;
+            4-D outputs are returned contiguous). None (default): when the model has a
+            2-D Conv (torch's CPU and CUDA convolutions are faster in that layout).
+        fuse: run chains that one torch kernel computes exactly as one step (Conv+BN,
+            hard-swish, SiLU: :mod:`onnxprune.executor.fusion`).
+        compile: run the step loop through ``torch.compile``; None (default): off
+            (measured not to pay, :mod:`onnxprune.executor.compiling`). Raises
+            OnnxPruneError at the first forward where inductor's toolchain is missing.
 
     Raises:
         UnsupportedModelError: when an op has no torch evaluation (the message lists
             every such op with one node that uses it).
     """
 
-    def __init__(self, model: onnx.ModelProto, *, requires_grad: bool = True) -> None:
+    def __init__(self, model: onnx.ModelProto, *, requires_grad: bool = True, channels_last: bool | None = None,
+                 fuse: bool = True, compile: bool | None = None) -> None:
         super().__init__()
         graph = gs.import_onnx(model)
         graph.toposort()
         self.opset = model_opset(model)
         self._ctx = EvalContext(self.opset)
         missing: dict[str, str] = {}
-        self._plan = []
         for node in graph.nodes:
-            fn = get_evaluator(node.op, self.opset, node.domain or "")
-            if fn is None:
+            if get_evaluator(node.op, self.opset, node.domain or "") is None:
                 missing.setdefault(node.op, node.name)
-            self._plan.append((EvalNode(node.op, node.name, dict(node.attrs), len(node.outputs)), fn,
-                               [t.name for t in node.inputs], [t.name for t in node.outputs]))
         if missing:
             ops = ", ".join(f"{op} (node {name})" for op, name in missing.items())
             raise UnsupportedModelError(f"no torch evaluation for op(s): {ops}")
         self.input_names = [t.name for t in graph.inputs]
         self.output_names = [t.name for t in graph.outputs]
+        self._nodes = list(graph.nodes)
+        self._enodes = eval_nodes(self._nodes)
         self._params = nn.ParameterList()
         self._param_index: dict[str, int] = {}
         self._consts: dict[str, torch.Tensor] = {}
+        self._const_values: dict[str, np.ndarray] = {}
+        self._slot_of: dict[str, int] = {}
+
+        def slot(name: str) -> int:
+            if name not in self._slot_of:
+                self._slot_of[name] = len(self._slot_of) + 1  # slot 0: an omitted input
+            return self._slot_of[name]
+
+        for name in self.input_names:
+            slot(name)
+        self._param_slots: list[int] = []
+        self._const_slots: list[tuple[int, str]] = []
         for name, t in graph.tensors().items():
             if not isinstance(t, gs.Constant):
                 continue
             arr = np.asarray(t.values)
+            self._const_values[name] = arr
+            if arr.dtype.name in _HALF:  # computed in float32 (exact: every half value is a float32)
+                arr = arr.astype(np.float32)
             if np.issubdtype(arr.dtype, np.floating):
                 self._param_index[name] = len(self._params)
-                # keep the initializer's own float type: ops must see ONNX's dtypes
                 self._params.append(nn.Parameter(torch.from_numpy(arr.copy()), requires_grad=requires_grad))
+                self._param_slots.append(slot(name))
             else:
                 self._consts[name] = torch.from_numpy(arr.copy())
+                self._const_slots.append((slot(name), name))
+        for node in self._nodes:
+            for t in node.outputs:
+                if t.name:
+                    slot(t.name)
         self._gates: dict[str, tuple[int, torch.Tensor]] = {}
         # node name -> {input index: (axis, gate)}; empty unless set_input_gate was called
         self._input_gates: dict[str, dict[int, tuple[int, torch.Tensor]]] = {}
@@ -80,6 +122,15 @@ class TorchGraph(nn.Module):
         self._overrides: dict[str, Callable] = {}
         self._node_info = [(n.name, n.op, n.domain or "", tuple(t.name for t in n.inputs)) for n in graph.nodes]
         self._node_inputs = {name: len(ins) for name, _, _, ins in self._node_info}
+        self._fuse = bool(fuse)
+        if channels_last is None:
+            channels_last = any(n.op == "Conv" and len(n.inputs) > 1 and len(n.inputs[1].shape or ()) == 4
+                                for n in self._nodes)
+        self.channels_last = bool(channels_last)
+        self._ctx = EvalContext(self.opset, self.channels_last)
+        self._program: Program | None = None
+        self._compile = compile
+        self._compiled: Callable | None = None
 
     # ---- parameters and gates ----------------------------------------------------------
     def parameter(self, name: str) -> nn.Parameter:
@@ -94,6 +145,7 @@ class TorchGraph(nn.Module):
     def set_gate(self, tensor: str, axis: int, gate: torch.Tensor) -> None:
         """Multiply activation ``tensor`` by ``gate`` (1-D, one entry per position of ``axis``)."""
         self._gates[tensor] = (int(axis), gate)
+        self._program = None
 
     def nodes(self) -> list[tuple[str, str, str, tuple[str, ...]]]:
         """(name, op type, domain, input tensor names; "" for an omitted input) of every
@@ -117,6 +169,7 @@ class TorchGraph(nn.Module):
         if not 0 <= input_index < n:
             raise IndexError(f"node {node_name} has {n} inputs, got input index {input_index}")
         self._input_gates.setdefault(node_name, {})[int(input_index)] = (int(axis), gate)
+        self._program = None
 
     def override_node(self, node_name: str, fn: Callable | None) -> None:
         """Evaluate node ``node_name`` with ``fn`` instead of its op handler (None restores it).
@@ -136,69 +189,78 @@ class TorchGraph(nn.Module):
             self._overrides.pop(node_name, None)
         else:
             self._overrides[node_name] = fn
+        self._program = None
 
     def clear_gates(self) -> None:
         """Remove every tensor gate and every input gate."""
         self._gates.clear()
         self._input_gates.clear()
+        self._program = None
 
     # ---- evaluation ----------------------------------------------------------------------
+    def program(self) -> Program:
+        """The evaluation program for the current gates and overrides (built on demand)."""
+        if self._program is None:
+            self._program = build_program(
+                self._nodes, self._enodes, self._slot_of, len(self._slot_of) + 1, self.input_names,
+                self.output_names, self.opset, consts=self._const_values, overrides=self._overrides,
+                input_gates=self._input_gates, tensor_gates=self._gates, fuse=self._fuse)
+            self._compiled = None
+        return self._program
+
     def forward(self, *args: torch.Tensor, **feeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Evaluate the graph; inputs positionally (graph input order) or by name.
 
         Returns:
-            The graph outputs, in order.
+            The graph outputs, in order (half-precision ones in float32, see the class).
 
         Raises:
             OnnxPruneError: a node's evaluation raised a torch RuntimeError (e.g. a
                 hard-coded batch in a Reshape, see :mod:`onnxprune.batching`); the message
-                names the node, its op and its input shapes.
+                names the node, its op and its input shapes. With ``compile=True``: the
+                platform lacks torch.compile's toolchain.
         """
-        env: dict[str, torch.Tensor] = dict(zip(self.input_names, args))
-        env.update(feeds)
-        dev = next(iter(self._params), torch.empty(0)).device
-        for name, i in self._param_index.items():
-            env[name] = self._params[i]
-        for name, c in self._consts.items():
-            env[name] = c.to(dev) if c.device != dev else c
-        for node, fn, ins, outs in self._plan:
-            vals = [env[n] if n else None for n in ins]
-            try:
-                self._eval_node(node, fn, vals, outs, env)
-            except torch.OutOfMemoryError:
-                raise
-            except RuntimeError as e:  # a shape / dtype mismatch in torch: name the node
-                shapes = ", ".join("-" if v is None else str(list(v.shape)) for v in vals)
-                raise OnnxPruneError(f"node {node.name!r} ({node.op}) failed on inputs of shapes {shapes}: "
-                                     f"{first_line(e)}") from e
-        return tuple(env[n] for n in self.output_names)
+        prog = self.program()
+        env: list = [None] * prog.n_slots
+        for name, v in zip(self.input_names, args):
+            feeds[name] = v
+        for name, s in zip(self.input_names, prog.input_slots):
+            if name in feeds:
+                env[s] = self._feed(feeds.pop(name))
+        for name, v in feeds.items():  # a named feed that is no graph input (e.g. an inner tensor)
+            s = self._slot_of.get(name)
+            if s is not None:
+                env[s] = v
+        params = list(self._params._parameters.values())  # ParameterList's own indexing is slow
+        for s, p in zip(self._param_slots, params):
+            env[s] = p
+        if self._const_slots:
+            dev = params[0].device if params else torch.device("cpu")
+            for s, name in self._const_slots:
+                c = self._consts[name]
+                if c.device != dev:
+                    c = self._consts[name] = c.to(dev)
+                env[s] = c
+        self._runner(env[prog.input_slots[0]] if prog.input_slots else None)(prog.steps, env, self._ctx)
+        return tuple(o.contiguous() if o.dim() == 4 else o for o in (env[s] for s in prog.output_slots))
 
-    def _eval_node(self, node: EvalNode, fn: Callable, vals: list, outs: list[str],
-                   env: dict[str, torch.Tensor]) -> None:
-        """Evaluate one node (its input gates, override, output gates) into ``env``."""
-        vals = list(vals)
-        ig = self._input_gates.get(node.name) if self._input_gates else None
-        if ig is not None:
-            for i, (axis, gate) in ig.items():
-                v = vals[i]
-                if callable(gate):
-                    gate = gate()
-                shape = [1] * v.dim()
-                shape[axis] = -1
-                vals[i] = v * gate.to(v.dtype).view(shape)
-        if self._overrides and node.name in self._overrides:
-            fn = self._overrides[node.name]
-        res = fn(node, vals, self._ctx)
-        for n, v in zip(outs, res):
-            if not n:
-                continue
-            g = self._gates.get(n)
-            if g is not None:
-                axis, gate = g
-                shape = [1] * v.dim()
-                shape[axis] = -1
-                v = v * gate.view(shape)
-            env[n] = v
+    def _feed(self, v: torch.Tensor) -> torch.Tensor:
+        """A graph input as the program runs it: half floats in float32, 4-D in channels_last."""
+        if v.dtype in (torch.float16, torch.bfloat16):
+            v = v.float()
+        if self.channels_last and v.dim() == 4 and v.is_floating_point():
+            v = v.contiguous(memory_format=torch.channels_last)
+        return v
+
+    def _runner(self, x: torch.Tensor | None) -> Callable:
+        """The step loop: eager, or compiled when asked (:mod:`onnxprune.executor.compiling`)."""
+        if self._compile is None:
+            self._compile = compile_default()
+        if not self._compile:
+            return run_steps
+        if self._compiled is None:
+            self._compiled = compiled(run_steps, x.device.type if x is not None else "cpu")
+        return self._compiled
 
     def write_back(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """Copy of ``model`` whose float initializers hold this module's parameter values."""
@@ -210,6 +272,45 @@ class TorchGraph(nn.Module):
                 dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
                 init.CopyFrom(onnx.numpy_helper.from_array(arr.astype(dtype), init.name))
         return out
+
+
+def run_steps(steps, env: list, ctx: EvalContext) -> None:
+    """Run ``steps`` (:class:`~onnxprune.executor.program.Step`) over the slot list ``env``.
+
+    Raises:
+        OnnxPruneError: a step raised a torch RuntimeError (node, op and input shapes named).
+    """
+    for step in steps:
+        vals = [env[i] for i in step.ins]
+        try:
+            if step.in_gates:
+                for i, axis, gate in step.in_gates:
+                    v = vals[i]
+                    if callable(gate):
+                        gate = gate()
+                    shape = [1] * v.dim()
+                    shape[axis] = -1
+                    vals[i] = v * gate.to(v.dtype).view(shape)
+            res = step.fn(step.node, vals, ctx)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # a shape / dtype mismatch in torch: name the node
+            shapes = ", ".join("-" if v is None else str(list(v.shape)) for v in vals)
+            raise OnnxPruneError(f"node {step.node.name!r} ({step.op}) failed on inputs of shapes {shapes}: "
+                                 f"{first_line(e)}") from e
+        if step.out_gates:
+            res = list(res)
+            for j, axis, gate in step.out_gates:
+                v = res[j]
+                shape = [1] * v.dim()
+                shape[axis] = -1
+                res[j] = v * gate.view(shape)
+        for s, v in zip(step.outs, res):
+            if s:
+                env[s] = v
+        for s in step.frees:
+            env[s] = None
+    return None
 
 
 def to_torch(feeds: Mapping[str, np.ndarray], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

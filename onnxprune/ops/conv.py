@@ -19,7 +19,7 @@ import math
 import onnx_graphsurgeon as gs
 
 from onnxprune.analysis.context import AnalysisContext, Role
-from onnxprune.ops._torch import F, attr_ints, attr_str, auto_pads, present, torch_pad_arg, unsupported
+from onnxprune.ops._torch import F, attr_ints, attr_str, auto_pads, present, torch, torch_pad_arg, unsupported
 from onnxprune.ops.registry import OpHandler, register
 from onnxprune.surgery.context import SurgeryContext
 
@@ -92,21 +92,41 @@ class ConvHandler(OpHandler):
     def evaluate(self, node, inputs, ctx):
         x, w, b = inputs[0], inputs[1], present(inputs, 2)
         n = x.dim() - 2
-        if n not in (1, 2, 3):
-            raise unsupported(node, f"a {n}-D convolution")
-        kernel = attr_ints(node, "kernel_shape") or list(w.shape[2:])
-        strides = attr_ints(node, "strides", [1] * n)
-        dil = attr_ints(node, "dilations", [1] * n)
-        group = int(node.attrs.get("group", 1))
-        pads = auto_pads(node, list(x.shape[2:]), kernel, strides, dil)
-        begin, end = pads[:n], pads[n:]
-        if begin == end:
-            padding = begin
-        else:  # asymmetric: pad explicitly (zeros), then convolve without padding
-            x = F.pad(x, torch_pad_arg(begin, end))
-            padding = [0] * n
-        fn = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
-        return [fn(x, w, b, strides, padding, dil, group)]
+        key = (n, tuple(x.shape[2:]))
+        spec = node.cache.get("conv")
+        if spec is None or spec[0] != key:  # attributes parsed once per input size
+            spec = node.cache["conv"] = (key, _conv_spec(node, n, list(x.shape[2:]), list(w.shape[2:])))
+        fn, strides, padding, dil, group, pad_arg, im2col = spec[1]
+        if pad_arg is not None:  # asymmetric: pad explicitly (zeros), then convolve without padding
+            x = F.pad(x, pad_arg)
+        if im2col and x.shape[1] == 1 and x.device.type == "cpu":
+            # one input channel: oneDNN's CPU kernel is several times slower than torch's
+            # im2col + GEMM convolution (the same sums; differentiable)
+            y = torch._C._nn.thnn_conv2d(x, w, list(w.shape[2:]), b, strides, padding)
+        else:
+            y = fn(x, w, b, strides, padding, dil, group)
+        if ctx.channels_last and n == 2 and not y.is_contiguous(memory_format=torch.channels_last):
+            # e.g. one input channel: torch cannot tell the layouts apart and answers NCHW
+            y = y.contiguous(memory_format=torch.channels_last)
+        return [y]
+
+
+def _conv_spec(node, n: int, in_sizes: list[int], w_kernel: list[int]):
+    """(torch conv function, strides, padding, dilations, group, F.pad argument or None,
+    whether torch's im2col kernel can run it: 2-D, group 1, no dilation)."""
+    if n not in (1, 2, 3):
+        raise unsupported(node, f"a {n}-D convolution")
+    kernel = attr_ints(node, "kernel_shape") or w_kernel
+    strides = attr_ints(node, "strides", [1] * n)
+    dil = attr_ints(node, "dilations", [1] * n)
+    group = int(node.attrs.get("group", 1))
+    pads = auto_pads(node, in_sizes, kernel, strides, dil)
+    begin, end = pads[:n], pads[n:]
+    fn = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
+    im2col = n == 2 and group == 1 and dil == [1, 1] and hasattr(torch._C._nn, "thnn_conv2d")
+    if begin == end:
+        return fn, strides, begin, dil, group, None, im2col
+    return fn, strides, [0] * n, dil, group, torch_pad_arg(begin, end), im2col
 
 
 @register("ConvTranspose")

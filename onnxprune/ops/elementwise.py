@@ -69,6 +69,8 @@ class UnaryHandler(OpHandler):
             return [torch.where(x > float(a.get("alpha", 1.0)), x, torch.zeros_like(x))]
         if op == "HardSigmoid":
             alpha, beta = float(a.get("alpha", 0.2)), float(a.get("beta", 0.5))
+            if alpha == _SIXTH and beta == 0.5:  # torch's kernel: clamp(x + 3, 0, 6) / 6
+                return [F.hardsigmoid(x)]
             return [torch.clamp(x * alpha + beta, 0.0, 1.0)]
         if op == "Gelu":
             approx = attr_str(node, "approximate", "none")
@@ -195,6 +197,9 @@ class BroadcastHandler(OpHandler):
             return [torch.logical_or(a, b)]
         raise unsupported(node, op)
 
+
+#: HardSigmoid's alpha as ONNX stores 1/6 (float32)
+_SIXTH = 0.1666666716337204
 
 _UNARY_FNS = {
     "Relu": lambda x: torch.relu(x),

@@ -91,6 +91,26 @@ def _param_view(p, x):
     return p.reshape((1,) + tuple(p.shape))  # spatial=0 (opsets < 9): [C, D1, ...]
 
 
+def batch_norm_is_inference(attrs, opset: int) -> bool:
+    """Whether a BatchNormalization with ``attrs`` uses its running statistics (not
+    ``training_mode=1``) and per-channel (``spatial=1``) parameters."""
+    training = int(attrs.get("training_mode", 0)) == 1 and opset >= 14
+    return not training and not (opset < 9 and int(attrs.get("spatial", 1)) == 0)
+
+
+def batch_norm_affine(node, scale, bias, mean, var):
+    """Inference BN as ``y = x * mul + shift`` per channel: (mul, shift), each [C].
+
+    ``mul = scale / sqrt(var + eps)``, ``shift = bias - mean * mul`` (what a Conv's
+    weight and bias absorb when BN follows it; differentiable in all four).
+    """
+    cached = node.cache.get("eps")
+    if cached is None:
+        cached = node.cache["eps"] = float(node.attrs.get("epsilon", 1e-5))
+    mul = scale * torch.rsqrt(var + cached)
+    return mul, bias - mean * mul
+
+
 def _batch_norm(node, inputs, ctx):
     """BatchNormalization; inference (running statistics) unless training_mode=1."""
     x, scale, bias, mean, var = inputs[:5]
@@ -108,8 +128,13 @@ def _batch_norm(node, inputs, ctx):
         run_mean = mean * momentum + cur_mean * (1 - momentum)
         run_var = var * momentum + cur_var * (1 - momentum)
         return [y, run_mean, run_var][: max(1, node.n_outputs)]
+    # optional outputs (training-only in the spec): the running statistics, unchanged
+    extra = [mean, var, mean, var][: max(0, node.n_outputs - 1)]
+    stats_grad = torch.is_grad_enabled() and (mean.requires_grad or var.requires_grad)
+    if (scale.dim() == 1 and x.dim() >= 2 and not stats_grad
+            and x.dtype == scale.dtype == bias.dtype == mean.dtype == var.dtype):
+        # torch's fused kernel (one pass; it has no gradient for the running statistics)
+        return [F.batch_norm(x, mean, var, scale, bias, False, 0.0, eps)] + extra
     inv = scale * torch.rsqrt(var + eps)
     y = x * _param_view(inv, x) + _param_view(bias - mean * inv, x)
-    # optional outputs (training-only in the spec): the running statistics, unchanged
-    extra = [mean, var, mean, var]
-    return [y] + extra[: max(0, node.n_outputs - 1)]
+    return [y] + extra

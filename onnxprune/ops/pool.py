@@ -227,17 +227,11 @@ def _pool(node, x, ctx):
     if n not in (1, 2, 3):
         raise unsupported(node, f"{n}-D pooling")
     op = node.op
-    kernel = attr_ints(node, "kernel_shape")
-    strides = attr_ints(node, "strides", [1] * n)
-    dil = attr_ints(node, "dilations", [1] * n)
-    ceil_mode = bool(int(node.attrs.get("ceil_mode", 0)))
     sizes = list(x.shape[2:])
-    pads = auto_pads(node, sizes, kernel, strides, dil)
-    begin, end = pads[:n], pads[n:]
-    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
-    out = [pool_out_size(sizes[i], kernel[i], strides[i], dil[i], begin[i], end[i], ceil_mode) for i in range(n)]
-    # end padding that makes a floor-mode pooling produce ``out`` windows
-    end_full = [max(end[i], (out[i] - 1) * strides[i] + eff[i] - sizes[i] - begin[i]) for i in range(n)]
+    spec = node.cache.get("pool")
+    if spec is None or spec[0] != sizes:  # attributes parsed once per input size
+        spec = node.cache["pool"] = (sizes, _pool_spec(node, n, sizes))
+    kernel, strides, dil, begin, end, out, end_full = spec[1]
     if any(o <= 0 for o in out):  # no window fits: empty outputs
         shape = tuple(x.shape[:2]) + tuple(max(o, 0) for o in out)
         empty = [x.new_zeros(shape), torch.zeros(shape, dtype=torch.int64, device=x.device)]
@@ -282,6 +276,22 @@ def _pool(node, x, ctx):
         xp = F.pad(x.abs().pow(p), torch_pad_arg(begin, end_full))
         return [_crop(_window_sum(xp, kernel, strides, dil), out).pow(1.0 / p)]
     raise unsupported(node, op)
+
+
+def _pool_spec(node, n: int, sizes: list[int]):
+    """(kernel, strides, dilations, begin pads, end pads, output sizes, end pads of the
+    equivalent floor-mode pooling) of a pooling node on spatial ``sizes``."""
+    kernel = attr_ints(node, "kernel_shape")
+    strides = attr_ints(node, "strides", [1] * n)
+    dil = attr_ints(node, "dilations", [1] * n)
+    ceil_mode = bool(int(node.attrs.get("ceil_mode", 0)))
+    pads = auto_pads(node, sizes, kernel, strides, dil)
+    begin, end = pads[:n], pads[n:]
+    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
+    out = [pool_out_size(sizes[i], kernel[i], strides[i], dil[i], begin[i], end[i], ceil_mode) for i in range(n)]
+    # end padding that makes a floor-mode pooling produce ``out`` windows
+    end_full = [max(end[i], (out[i] - 1) * strides[i] + eff[i] - sizes[i] - begin[i]) for i in range(n)]
+    return kernel, strides, dil, begin, end, out, end_full
 
 
 def _crop(y, out):
@@ -434,6 +444,22 @@ def _resize_axis(node, x, ax: int, out: int, scale: float, mode: str, coord: str
     return y
 
 
+def _pow2_upsample(x, mode: str, coord: str, nearest: str, in_sizes, out_sizes, scale_of):
+    """(k_h, k_w) when a Resize is a nearest asymmetric/floor upsampling of the two spatial
+    axes of a 4-D tensor by powers of two (exact in float: source = floor(dst * 2^-j)), else None."""
+    if mode != "nearest" or coord != "asymmetric" or nearest != "floor" or x.dim() != 4:
+        return None
+    if out_sizes[:2] != in_sizes[:2]:
+        return None
+    ks = []
+    for a in (2, 3):
+        k = scale_of[a]
+        if k < 1 or k != int(k) or int(k) & (int(k) - 1) or out_sizes[a] != in_sizes[a] * int(k):
+            return None
+        ks.append(float(k))
+    return tuple(ks)
+
+
 def _resize(node, inputs, ctx):
     x = inputs[0]
     rank = x.dim()
@@ -497,6 +523,9 @@ def _resize(node, inputs, ctx):
     extrap = float(node.attrs.get("extrapolation_value", 0.0))
     if out_sizes == in_sizes and coord != "tf_crop_and_resize":
         return x  # onnxruntime copies the input whenever the shape does not change
+    k = _pow2_upsample(x, mode, coord, nearest, in_sizes, out_sizes, scale_of)
+    if k is not None:  # torch's kernel computes the same floor(dst / k) source indices
+        return F.interpolate(x, scale_factor=k, mode="nearest")
     y = x
     for a in range(rank):
         r = roi.get(a, (0.0, 1.0)) if roi is not None else None

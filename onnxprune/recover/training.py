@@ -267,8 +267,8 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
     """Train ``student``'s weights on ``data``; return a copy with the trained initializers.
 
     Args:
-        student: the (pruned) canonical model, one graph input, float32/float64 weights;
-            not modified.
+        student: the (pruned) canonical model, one graph input; not modified. float16 /
+            bfloat16 weights are trained in float32 and written back in their own dtype.
         data: inputs float32 [N, ...] in the model's input layout, optional int64 labels [N].
         teacher: the original model (distillation target, pseudo-labels); required
             without labels. Evaluated under ``torch.no_grad`` on the same batches.
@@ -287,8 +287,8 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
     Raises:
         OnnxPruneError: no samples, no labels and no teacher, several graph inputs, a
             loss the outputs cannot take, a teacher whose interface differs, a
-            non-finite loss (lower the learning rate); UnsupportedModelError: float16
-            weights or an op the torch executor lacks.
+            non-finite loss (lower the learning rate); UnsupportedModelError: an op the
+            torch executor lacks.
     """
     from onnxprune.executor.device import resolve_device
 
