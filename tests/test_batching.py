@@ -142,7 +142,10 @@ def test_forward_fixed_matches_the_free_batch_model_with_gradients():
     (a * a).sum().backward()
     (b * b).sum().backward()
     for name, p in gf.named_onnx_parameters():
-        torch.testing.assert_close(p.grad, gr.parameter(name).grad, rtol=1e-4, atol=1e-6)
+        ref = gr.parameter(name).grad
+        # float32 sums over 7 samples in another order (micro-batches, fused kernels): compare
+        # against the gradient's own scale, not an absolute 1e-6
+        torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
 # ------------------------------------------------------------------------------ 4. criteria
