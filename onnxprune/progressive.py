@@ -45,6 +45,9 @@ def timed(times: dict[str, float], stage: str):
 
 #: recovery sample passes per step that :func:`auto_epochs` aims at
 AUTO_SAMPLES_PER_STEP = 4096
+#: the last step's recovery gets this many times the per-step budget (what is returned is
+#: recovered there; earlier steps only need to hand a healthy model to the next cut)
+AUTO_FINAL_FACTOR = 3
 #: at most this many training samples are evaluated for the report's training-set figure
 TRAIN_EVAL_SAMPLES = 256
 
@@ -91,13 +94,14 @@ class ProgressiveRun:
         return scores, getattr(scores, "info", {})
 
     def _recover(self, parent: onnx.ModelProto, parent_analysis: Analysis, pruned: onnx.ModelProto,
-                 removed: Mapping[int, np.ndarray]):
+                 removed: Mapping[int, np.ndarray], *, final: bool = False):
         from onnxprune.recover import recover
 
         o = self.options
         ft = o.finetune
         if ft is not None and o.auto_epochs:
-            ft = dataclasses.replace(ft, epochs=auto_epochs(len(self.rec_data)))
+            epochs = auto_epochs(len(self.rec_data))
+            ft = dataclasses.replace(ft, epochs=epochs * (AUTO_FINAL_FACTOR if final else 1))
         rec = recover(parent, pruned, parent_analysis, removed, self.rec_data, recalibrate=o.recalibrate_bn,
                       finetune_options=ft, batch_size=o.batch_size, device=o.device, teacher=self.prep.model,
                       validate=None if self.metric is None else self.metric.measure)
@@ -136,9 +140,10 @@ class ProgressiveRun:
         warnings: list[str] = []
         round_to = int(plan_opts.round_to)
         complete = True
+        last = None if o.target is None else len(plan_ms)
         for i, m in enumerate(plan_ms, start=1):
             with timed(self.times, "steps"):
-                new, rec, rt = run_step(i, m, state, setup, round_to)
+                new, rec, rt = run_step(i, m, state, setup, round_to, final=i == last)
             warnings += [f"step {i}: {n}" for n in rec.notes if "already met" not in n]
             if guard and rec.held_out is not None and self.metric.drop(rec.held_out) > o.max_drop:
                 records.append(dataclasses.replace(rec, accepted=False))
@@ -173,7 +178,7 @@ class ProgressiveRun:
         if now - m.kept <= 0.02:
             return None
         with timed(self.times, "steps"):
-            return run_step(i, Milestone(m.kind, (now + m.kept) / 2), state, setup, round_to)
+            return run_step(i, Milestone(m.kind, (now + m.kept) / 2), state, setup, round_to, final=True)
 
     def held_out_summary(self, state: State, records) -> dict | None:
         """The report's ``held_out`` entry: kind, original, final, drop, bound, training figure."""

@@ -153,7 +153,7 @@ class StepSetup:
         normalize: whether the criterion's scores are mean-normalised before ranking.
         plan: planner options (``round_to`` resolved to an int).
         round_to_fixed: the user chose ``round_to``: no coarser re-plan (rule 3).
-        recover: ``recover(parent, parent_analysis, pruned, removed, validate) ->
+        recover: ``recover(parent, parent_analysis, pruned, removed, final=bool) ->
             (model, info)``, or None for no recovery.
         metric: held-out figure ``metric(model) -> percent``, or None.
         measure: ``measure(model) -> median ms``, or None (no latency measured).
@@ -259,9 +259,11 @@ def _cut(state: State, target: Target, scores, setup: StepSetup, round_to: int):
     return plan, pruned, None
 
 
-def run_step(index: int, m: Milestone, state: State, setup: StepSetup, round_to: int) -> tuple[State, StepRecord, int]:
+def run_step(index: int, m: Milestone, state: State, setup: StepSetup, round_to: int, *,
+             final: bool = False) -> tuple[State, StepRecord, int]:
     """One step of the schedule (rule 2): returns the new state, its record and the
-    round_to later steps use (coarser when rule 3 had to coarsen it).
+    round_to later steps use (coarser when rule 3 had to coarsen it). ``final``: the last
+    planned step (its recovery may get a larger budget, see ``StepSetup.recover``).
 
     Raises:
         OnnxPruneError subclasses: from scoring, planning, surgery, recovery, measurement.
@@ -311,7 +313,7 @@ def run_step(index: int, m: Milestone, state: State, setup: StepSetup, round_to:
         times["held_out"] = time.perf_counter() - t2
     if setup.recover is not None:
         t3 = time.perf_counter()
-        model, recovery = setup.recover(state.model, state.analysis, pruned, removed)
+        model, recovery = setup.recover(state.model, state.analysis, pruned, removed, final=final)
         times["recover"] = time.perf_counter() - t3
     after = before
     if setup.metric is not None and setup.recover is not None:
