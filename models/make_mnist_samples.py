@@ -13,23 +13,14 @@ see the rest, so the accuracy it reports is measured on digits nothing trained o
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-N_TRAIN_PER_CLASS = 400  # as in make_mnist_cnn.py: the rows after these per class were held out
-
-
-def _assets():
-    path = HERE.parent / "tools" / "assets.py"
-    spec = importlib.util.spec_from_file_location("onnxprune_assets", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("onnxprune_assets", module)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(HERE))
+from make_mnist_cnn import N_TRAIN_PER_CLASS, _assets  # noqa: E402  (the rows after these per class were held out)
 
 
 def main(argv: list[str] | None = None) -> int:
