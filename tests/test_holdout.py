@@ -103,3 +103,20 @@ def test_fidelity_for_non_classifiers():
     out = np.concatenate([_ort_logits(other, x[i:i + 1]) for i in range(3)])
     rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
     assert m.measure(other) == pytest.approx(max(0.0, 100.0 * (1 - rel)), rel=1e-4)
+
+
+def test_the_quickstart_samples_are_the_example_models_held_out_digits():
+    from pathlib import Path
+
+    from onnxprune.data import load_calibration
+
+    root = Path(__file__).resolve().parent.parent / "models"
+    d = load_calibration(root / "mnist_cnn_samples.npz")
+    assert d.x.shape == (1000, 1, 28, 28) and d.x.dtype == np.float32
+    assert 0.0 <= d.x.min() and d.x.max() <= 1.0
+    assert np.bincount(d.y).tolist() == [100] * 10
+    import onnx
+
+    model = onnx.load(str(root / "mnist_cnn.onnx"))
+    acc = np.mean(_ort_logits(model, d.x).argmax(1) == d.y)
+    assert acc >= 0.95  # models/README.md: 97.8 % on these held-out digits
