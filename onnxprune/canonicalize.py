@@ -51,12 +51,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxprune.skeleton import LIFT_MIN_ELEMENTS, infer_value_info
+
 __all__ = ["CanonicalResult", "canonicalize", "restore_storage_dtypes", "storage_casts"]
 
 # ConstantOfShape outputs with more elements than this are left as nodes (memory guard).
 _MAX_MATERIALIZED_ELEMENTS = 1 << 28
 # Initializers above this size are left out of shape inference (they are weights, not shapes).
-_SKELETON_MAX_ELEMENTS = 1 << 12
+_SKELETON_MAX_ELEMENTS = LIFT_MIN_ELEMENTS
 # Nondeterministic ops: folding them would freeze one random draw into the model.
 _NEVER_FOLD = frozenset(
     {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
@@ -473,22 +475,13 @@ def _infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
 
     Inference runs on a skeleton in which large initializers (more than
     ``_SKELETON_MAX_ELEMENTS`` elements: weights, never shape tensors) are graph
-    inputs of the same dtype and shape, so the full weights are not serialized.
+    inputs of the same dtype and shape (:func:`onnxprune.skeleton.infer_value_info`), so
+    the full weights are not serialized.
     """
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)
-    graph = skeleton.graph
-    big = [i for i, t in enumerate(graph.initializer) if int(np.prod(t.dims, dtype=np.int64)) > _SKELETON_MAX_ELEMENTS]
-    for i in reversed(big):
-        t = graph.initializer[i]
-        graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        del graph.initializer[i]
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
+        infer_value_info(model, data_prop=True)
     except Exception as exc:  # inference is a convenience: never fatal
         return model, [f"shape inference failed: {_first_line(exc)}"]
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(inferred.graph.value_info)
     return model, []
 
 

@@ -219,10 +219,13 @@ def save_model(
     folder = out.parent if str(out.parent) else Path(".")
     out = folder.resolve() / out.name
 
-    try:
-        size = model.ByteSize()
-    except Exception:  # pragma: no cover - ByteSize is reliable for valid messages
-        size = EXTERNAL_DATA_THRESHOLD + 1
+    try:  # serialised once (ByteSize would encode the whole model a second time)
+        data: bytes | None = model.SerializeToString()
+    except Exception:  # over the protobuf limit: some implementations refuse to encode it
+        data = None
+    size = len(data) if data is not None else EXTERNAL_DATA_THRESHOLD + 1
+    if size > EXTERNAL_DATA_THRESHOLD:
+        data = None
     tmp_dir: str | None = None
     try:
         tmp_dir = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
@@ -243,7 +246,8 @@ def save_model(
                     os.replace(tmp_data, folder / data_name)
         else:
             with open(tmp_model, "wb") as fh:
-                fh.write(model.SerializeToString())
+                fh.write(data)
+                del data
                 fh.flush()
                 os.fsync(fh.fileno())
         tx = active_transaction()

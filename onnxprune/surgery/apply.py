@@ -19,10 +19,12 @@ from onnxprune.subgraphs import import_graph
 from onnxprune.analysis.groups import Analysis
 from onnxprune.errors import SurgeryError
 from onnxprune.ops.registry import get_handler
+from onnxprune.skeleton import infer_value_info
 from onnxprune.surgery.context import SurgeryContext
 
 
-def _keep_masks(analysis: Analysis, removed: Mapping[int, np.ndarray], values: Mapping[str, np.ndarray]):
+def _keep_masks(analysis: Analysis, removed: Mapping[int, np.ndarray],
+                shapes: Mapping[tuple[str, str], tuple[int, ...]]):
     """{(node, tensor): {(axis, rows): bool keep mask along axis}} for sliced members."""
     masks: dict[tuple[str, str], dict[tuple[int, tuple[int, int] | None], np.ndarray]] = {}
     for gid, idx in removed.items():
@@ -37,7 +39,7 @@ def _keep_masks(analysis: Analysis, removed: Mapping[int, np.ndarray], values: M
             per = masks.setdefault((m.node, m.tensor), {})
             key = (m.axis, m.rows)
             if key not in per:
-                per[key] = np.ones(values[(m.node, m.tensor)].shape[m.axis], dtype=bool)
+                per[key] = np.ones(shapes[(m.node, m.tensor)][m.axis], dtype=bool)
             per[key][drop] = False
     return masks
 
@@ -94,16 +96,16 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, removed: Mapping[int,
             handler.apply(node, ctx)
 
     nodes = {n.name: n for n in graph.nodes}
-    values: dict[tuple[str, str], np.ndarray] = {}
+    shapes: dict[tuple[str, str], tuple[int, ...]] = {}  # read without loading the values
     for g in analysis.groups:
         for m in g.members:
             node = nodes[m.node]
             t = next(t for t in node.inputs if t.name == m.tensor)
-            values[(m.node, m.tensor)] = np.asarray(t.values)
-    for (node_name, tensor), per_axis in _keep_masks(analysis, removed, values).items():
+            shapes[(m.node, m.tensor)] = tuple(int(d) for d in t.shape)
+    for (node_name, tensor), per_axis in _keep_masks(analysis, removed, shapes).items():
         node = nodes[node_name]
         index = next(i for i, t in enumerate(node.inputs) if t.name == tensor)
-        ctx.set_const(node, index, _slice(values[(node_name, tensor)], per_axis))
+        ctx.set_const(node, index, _slice(np.asarray(node.inputs[index].values), per_axis))
 
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
@@ -115,7 +117,7 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, removed: Mapping[int,
     out.graph.output.clear()
     out.graph.output.extend(model.graph.output)
     try:
-        out = onnx.shape_inference.infer_shapes(out)
+        infer_value_info(out)  # on the skeleton: the weights are not serialised
     except Exception:  # shapes are informative only; verification runs the model
         pass
     return out
