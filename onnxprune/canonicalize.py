@@ -44,6 +44,7 @@ model is never bigger per weight than its input.
 from __future__ import annotations
 
 import heapq
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -223,7 +224,11 @@ def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
     return None
 
 
-def _constant_of_shape_tensor(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> onnx.TensorProto | None:
+def _constant_of_shape_tensor(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
+                              into: onnx.TensorProto | None = None) -> onnx.TensorProto | None:
+    """The tensor a ConstantOfShape node with a constant shape fills, or None (shape unknown,
+    too big, or a fill that is not one value). Numeric fills are written straight into the
+    raw bytes of ``into`` (a new TensorProto when None): no intermediate copies."""
     if not node.input or node.input[0] not in inits:
         return None
     shape = numpy_helper.to_array(inits[node.input[0]]).astype(np.int64).reshape(-1)
@@ -235,8 +240,22 @@ def _constant_of_shape_tensor(node: onnx.NodeProto, inits: dict[str, onnx.Tensor
             fill = numpy_helper.to_array(attr.t).reshape(-1)
     if fill.size != 1:
         return None
-    arr = np.full(tuple(int(d) for d in shape), fill[0], dtype=fill.dtype)
-    return numpy_helper.from_array(arr, node.output[0])
+    dims = tuple(int(d) for d in shape)
+    t = into if into is not None else onnx.TensorProto()
+    if fill.dtype.kind in "fiub" and fill.dtype.isnative and fill.dtype.itemsize and sys.byteorder == "little":
+        try:
+            elem = helper.np_dtype_to_tensor_dtype(fill.dtype)
+        except (KeyError, TypeError, ValueError):
+            elem = None
+        if elem is not None:
+            n = int(np.prod(dims, dtype=np.int64))
+            t.name, t.data_type = node.output[0], elem
+            t.dims.extend(dims)
+            zero = not fill.view(np.uint8).any()  # all bytes 0 (-0.0 is not)
+            t.raw_data = bytes(n * fill.dtype.itemsize) if zero else fill.tobytes() * n  # bytes repeat: one buffer
+            return t
+    t.CopyFrom(numpy_helper.from_array(np.full(dims, fill[0], dtype=fill.dtype), node.output[0]))
+    return t
 
 
 def _constants_to_initializers(model: onnx.ModelProto) -> list[str]:
@@ -255,11 +274,14 @@ def _constants_to_initializers(model: onnx.ModelProto) -> list[str]:
         ):
             if node.op_type == "Constant":
                 tensor = _constant_tensor(node)
-            elif node.op_type == "ConstantOfShape":
-                tensor = _constant_of_shape_tensor(node, inits)
+                if tensor is not None:
+                    graph.initializer.append(tensor)
+            elif node.op_type == "ConstantOfShape":  # filled in place: a weight is copied once
+                tensor = _constant_of_shape_tensor(node, inits, graph.initializer.add())
+                if tensor is None:
+                    del graph.initializer[-1]
         if tensor is None:
             continue
-        graph.initializer.append(tensor)
         inits[tensor.name] = graph.initializer[-1]
         counts[node.op_type] += 1
         converted.append(idx)
