@@ -475,15 +475,19 @@ def verify(
     if feeds is None:
         feeds = make_inputs(original, dict(input_shapes), seed=seed)
     oracle_out = None
+    out = run_model(pruned, feeds, providers, label="pruned model")  # its weights are freed after the run
     if isinstance(reference, MaskedReference):  # one session: the original, then the oracle
         with model_source(reference.model) as source:
             sess = make_session(source, providers, label="original model")
-        ref = _run_session(sess, {**feeds, **reference.feeds(zeroed=False)}, "original model")
-        oracle_out = _run_session(sess, {**feeds, **reference.feeds(zeroed=True)}, "surgery oracle")
-        del sess
+        try:
+            weights = reference.weights()
+        except ValueError as exc:
+            raise VerificationError(f"the original model has a corrupt initializer: {exc}") from exc
+        ref = _run_session(sess, {**feeds, **reference.feeds(False, weights)}, "original model")
+        oracle_out = _run_session(sess, {**feeds, **reference.feeds(True, weights)}, "surgery oracle")
+        del sess, weights
     else:
         ref = run_model(original, feeds, providers, label="original model")
-    out = run_model(pruned, feeds, providers, label="pruned model")
 
     shapes: dict[str, tuple[int, ...]] = {}
     fidelity: dict[str, OutputFidelity] = {}

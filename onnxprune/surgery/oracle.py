@@ -20,7 +20,7 @@ import onnx
 
 from onnxprune.analysis.groups import Analysis
 from onnxprune.ops.registry import get_handler
-from onnxprune.skeleton import lift_weights
+from onnxprune.skeleton import skeleton
 
 
 def tensor_dtypes(model: onnx.ModelProto) -> dict[str, int]:
@@ -133,33 +133,43 @@ class MaskedReference:
 
     Attributes:
         model: skeleton of the canonical model (large weights are inputs,
-            :func:`onnxprune.skeleton.lift_weights`) with a Mul by the float32 input
+            :func:`onnxprune.skeleton.skeleton`) with a Mul by the float32 input
             ``__oracle_mask_<k>`` (cast to the tensor's type where it is not float32)
             before each reducing read of a removed channel.
-        weights: the lifted weights (name -> array), fed on every run.
+        source: the canonical model whose weights :meth:`weights` reads (not copied here:
+            the arrays exist only while a caller holds them).
+        lifted: names of the weights that are inputs of ``model``.
         masks: mask input name -> float32 0/1 array of the plan.
     """
 
     model: onnx.ModelProto
-    weights: dict[str, np.ndarray]
+    source: onnx.ModelProto
+    lifted: tuple[str, ...]
     masks: dict[str, np.ndarray]
 
-    def feeds(self, zeroed: bool) -> dict[str, np.ndarray]:
-        """The weights and the masks: the plan's when ``zeroed``, else all ones."""
+    def weights(self) -> dict[str, np.ndarray]:
+        """The lifted weights of ``source`` as arrays (one copy of their bytes).
+
+        Raises:
+            ValueError: an initializer's data does not match its dims (a corrupt tensor).
+        """
+        wanted = set(self.lifted)
+        return {t.name: onnx.numpy_helper.to_array(t) for t in self.source.graph.initializer if t.name in wanted}
+
+    def feeds(self, zeroed: bool, weights: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The weights (``weights`` when given, else :meth:`weights`) and the masks: the
+        plan's when ``zeroed``, else all ones."""
         masks = self.masks if zeroed else {k: np.ones_like(v) for k, v in self.masks.items()}
-        return {**self.weights, **masks}
+        return {**(self.weights() if weights is None else weights), **masks}
 
 
 def masked_reference(model: onnx.ModelProto, analysis: Analysis, removed: Mapping[int, np.ndarray]) -> MaskedReference:
     """:class:`MaskedReference` of a plan (same arguments as :func:`zeroed_reference`; the
-    zeroed run computes exactly what :func:`zeroed_reference`'s model computes).
-
-    Raises:
-        ValueError: an initializer's data does not match its dims (a corrupt tensor).
-    """
+    zeroed run computes exactly what :func:`zeroed_reference`'s model computes). No weight
+    is copied: ``model`` is kept as the reference's ``source``."""
     masks = _masks(model, analysis, removed)
-    lifted = lift_weights(model)
-    graph = lifted.model.graph
+    skel, lifted = skeleton(model)
+    graph = skel.graph
     names, feeds, extra = [], {}, {}
     for k, m in enumerate(masks):
         name = f"__oracle_mask_{k}"
@@ -172,4 +182,4 @@ def masked_reference(model: onnx.ModelProto, analysis: Analysis, removed: Mappin
             name = cast
         names.append(name)
     _insert_muls(graph, masks, names, extra)
-    return MaskedReference(lifted.model, lifted.weights, feeds)
+    return MaskedReference(skel, model, tuple(lifted), feeds)
