@@ -460,8 +460,8 @@ def verify(
     :class:`VerificationError` when they differ); the result is :attr:`VerifyResult.oracle`.
     With a :class:`~onnxprune.surgery.oracle.MaskedReference` (built from the canonical
     original) one session runs it twice: all-ones masks give the original's outputs (its
-    canonical form computes what it computes, so ``original`` itself is not run) and the
-    plan's masks the oracle's.
+    canonical form computes what it computes, so ``original`` itself is only loaded, as a
+    skeleton, to check that onnxruntime accepts it) and the plan's masks the oracle's.
     """
     check_providers(providers)
     _check(pruned, original)
@@ -475,6 +475,9 @@ def verify(
     if feeds is None:
         feeds = make_inputs(original, dict(input_shapes), seed=seed)
     oracle_out = None
+    if isinstance(reference, MaskedReference):  # the original is not run: check that it loads
+        with model_source(skeleton(original)[0]) as source:
+            make_session(source, providers, label="original model")
     out = run_model(pruned, feeds, providers, label="pruned model")  # its weights are freed after the run
     if isinstance(reference, MaskedReference):  # one session: the original, then the oracle
         with model_source(reference.model) as source:
