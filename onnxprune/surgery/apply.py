@@ -10,16 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import sys
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxprune.subgraphs import import_graph
 
 from onnxprune.analysis.groups import Analysis
 from onnxprune.errors import SurgeryError
 from onnxprune.ops.registry import get_handler
-from onnxprune.skeleton import infer_value_info
+from onnxprune.skeleton import FEEDABLE, LIFT_MIN_ELEMENTS, infer_value_info
 from onnxprune.surgery.context import SurgeryContext
 
 
@@ -108,7 +111,7 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, removed: Mapping[int,
         ctx.set_const(node, index, _slice(np.asarray(node.inputs[index].values), per_axis))
 
     graph.cleanup().toposort()
-    out = gs.export_onnx(graph)
+    out = _export(graph)
     out.ir_version = model.ir_version
     del out.opset_import[:]
     out.opset_import.extend(model.opset_import)
@@ -120,6 +123,39 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, removed: Mapping[int,
         infer_value_info(out)  # on the skeleton: the weights are not serialised
     except Exception:  # shapes are informative only; verification runs the model
         pass
+    return out
+
+
+def _export(graph: gs.Graph) -> onnx.ModelProto:
+    """``gs.export_onnx`` with every large sliced weight written once, straight into the
+    exported initializer's ``raw_data`` (graphsurgeon would build a TensorProto per weight and
+    copy it again into the graph): such constants are exported as data-less placeholders of
+    the same name, type and dims, then filled, each array released once written."""
+    pending: dict[str, np.ndarray] = {}
+    for t in graph.tensors().values():
+        if not isinstance(t, gs.Constant) or isinstance(t._values, LazyValues):
+            continue
+        arr = t.values
+        if (not isinstance(arr, np.ndarray) or arr.size <= LIFT_MIN_ELEMENTS or t.export_dtype != t.dtype
+                or sys.byteorder != "little" or not arr.dtype.isnative):
+            continue
+        try:
+            elem = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
+        except (KeyError, TypeError, ValueError):
+            continue
+        if elem not in FEEDABLE:
+            continue
+        proto = onnx.TensorProto(name=t.name, data_type=elem, dims=list(arr.shape))
+        pending[t.name] = arr
+        t._values = LazyValues(proto)
+    out = gs.export_onnx(graph)
+    for init in out.graph.initializer:
+        arr = pending.pop(init.name, None)
+        if arr is not None:
+            init.raw_data = np.ascontiguousarray(arr).tobytes()
+            del arr
+    if pending:  # cannot happen: every constant the graph holds is exported
+        raise SurgeryError(f"weights {sorted(pending)[:3]} were not exported")
     return out
 
 
