@@ -10,7 +10,9 @@ Rules this stage follows, in this order:
    (:func:`onnxprune.inputs.make_inputs`, seeded). Failures name the node when
    onnxruntime does. Sessions run the graph as written (graph optimisations off) so
    that errors name the model's own nodes; :mod:`onnxprune.runtime.latency` measures with full
-   optimisation.
+   optimisation. Large weights are fed as inputs of a skeleton (:mod:`onnxprune.skeleton`),
+   so no session serialises or copies them. With a masked oracle reference the original is
+   loaded and its canonical form run, in one session with the oracle (see :func:`verify`).
 3. The pruned model's graph inputs and outputs must carry the same names as the
    original's, and every output the same dtype and shape.
 4. With a surgery oracle reference, the pruned model must compute what the original
