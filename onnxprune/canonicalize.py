@@ -44,6 +44,7 @@ model is never bigger per weight than its input.
 from __future__ import annotations
 
 import heapq
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -51,12 +52,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxprune.skeleton import LIFT_MIN_ELEMENTS, infer_value_info
+
 __all__ = ["CanonicalResult", "canonicalize", "restore_storage_dtypes", "storage_casts"]
 
 # ConstantOfShape outputs with more elements than this are left as nodes (memory guard).
 _MAX_MATERIALIZED_ELEMENTS = 1 << 28
 # Initializers above this size are left out of shape inference (they are weights, not shapes).
-_SKELETON_MAX_ELEMENTS = 1 << 12
+_SKELETON_MAX_ELEMENTS = LIFT_MIN_ELEMENTS
 # Nondeterministic ops: folding them would freeze one random draw into the model.
 _NEVER_FOLD = frozenset(
     {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
@@ -221,7 +224,11 @@ def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
     return None
 
 
-def _constant_of_shape_tensor(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> onnx.TensorProto | None:
+def _constant_of_shape_tensor(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
+                              into: onnx.TensorProto | None = None) -> onnx.TensorProto | None:
+    """The tensor a ConstantOfShape node with a constant shape fills, or None (shape unknown,
+    too big, or a fill that is not one value). Numeric fills are written straight into the
+    raw bytes of ``into`` (a new TensorProto when None): no intermediate copies."""
     if not node.input or node.input[0] not in inits:
         return None
     shape = numpy_helper.to_array(inits[node.input[0]]).astype(np.int64).reshape(-1)
@@ -233,8 +240,22 @@ def _constant_of_shape_tensor(node: onnx.NodeProto, inits: dict[str, onnx.Tensor
             fill = numpy_helper.to_array(attr.t).reshape(-1)
     if fill.size != 1:
         return None
-    arr = np.full(tuple(int(d) for d in shape), fill[0], dtype=fill.dtype)
-    return numpy_helper.from_array(arr, node.output[0])
+    dims = tuple(int(d) for d in shape)
+    t = into if into is not None else onnx.TensorProto()
+    if fill.dtype.kind in "fiub" and fill.dtype.isnative and fill.dtype.itemsize and sys.byteorder == "little":
+        try:
+            elem = helper.np_dtype_to_tensor_dtype(fill.dtype)
+        except (KeyError, TypeError, ValueError):
+            elem = None
+        if elem is not None:
+            n = int(np.prod(dims, dtype=np.int64))
+            t.name, t.data_type = node.output[0], elem
+            t.dims.extend(dims)
+            zero = not fill.view(np.uint8).any()  # all bytes 0 (-0.0 is not)
+            t.raw_data = bytes(n * fill.dtype.itemsize) if zero else fill.tobytes() * n  # bytes repeat: one buffer
+            return t
+    t.CopyFrom(numpy_helper.from_array(np.full(dims, fill[0], dtype=fill.dtype), node.output[0]))
+    return t
 
 
 def _constants_to_initializers(model: onnx.ModelProto) -> list[str]:
@@ -253,11 +274,14 @@ def _constants_to_initializers(model: onnx.ModelProto) -> list[str]:
         ):
             if node.op_type == "Constant":
                 tensor = _constant_tensor(node)
-            elif node.op_type == "ConstantOfShape":
-                tensor = _constant_of_shape_tensor(node, inits)
+                if tensor is not None:
+                    graph.initializer.append(tensor)
+            elif node.op_type == "ConstantOfShape":  # filled in place: a weight is copied once
+                tensor = _constant_of_shape_tensor(node, inits, graph.initializer.add())
+                if tensor is None:
+                    del graph.initializer[-1]
         if tensor is None:
             continue
-        graph.initializer.append(tensor)
         inits[tensor.name] = graph.initializer[-1]
         counts[node.op_type] += 1
         converted.append(idx)
@@ -473,22 +497,13 @@ def _infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
 
     Inference runs on a skeleton in which large initializers (more than
     ``_SKELETON_MAX_ELEMENTS`` elements: weights, never shape tensors) are graph
-    inputs of the same dtype and shape, so the full weights are not serialized.
+    inputs of the same dtype and shape (:func:`onnxprune.skeleton.infer_value_info`), so
+    the full weights are not serialized.
     """
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)
-    graph = skeleton.graph
-    big = [i for i, t in enumerate(graph.initializer) if int(np.prod(t.dims, dtype=np.int64)) > _SKELETON_MAX_ELEMENTS]
-    for i in reversed(big):
-        t = graph.initializer[i]
-        graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        del graph.initializer[i]
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
+        infer_value_info(model, data_prop=True)
     except Exception as exc:  # inference is a convenience: never fatal
         return model, [f"shape inference failed: {_first_line(exc)}"]
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(inferred.graph.value_info)
     return model, []
 
 

@@ -219,10 +219,11 @@ def save_model(
     folder = out.parent if str(out.parent) else Path(".")
     out = folder.resolve() / out.name
 
-    try:
-        size = model.ByteSize()
-    except Exception:  # pragma: no cover - ByteSize is reliable for valid messages
-        size = EXTERNAL_DATA_THRESHOLD + 1
+    try:  # encoded tensor by tensor: no whole-model buffer (and no whole-model ByteSize)
+        encoding: _Encoding | None = _Encoding(model)
+    except Exception:  # pragma: no cover - a message protobuf cannot size
+        encoding = None
+    size = encoding.size if encoding is not None else EXTERNAL_DATA_THRESHOLD + 1
     tmp_dir: str | None = None
     try:
         tmp_dir = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
@@ -243,7 +244,7 @@ def save_model(
                     os.replace(tmp_data, folder / data_name)
         else:
             with open(tmp_model, "wb") as fh:
-                fh.write(model.SerializeToString())
+                encoding.write(fh)
                 fh.flush()
                 os.fsync(fh.fileno())
         tx = active_transaction()
@@ -260,6 +261,81 @@ def save_model(
         if tmp_dir is not None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
     return out
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+#: protobuf tags (field number << 3 | wire type 2, length-delimited)
+_MODEL_GRAPH_TAG = bytes([(7 << 3) | 2])  # ModelProto.graph
+_GRAPH_INITIALIZER_TAG = bytes([(5 << 3) | 2])  # GraphProto.initializer
+
+
+def _without(msg, skip: str):
+    """A copy of protobuf message ``msg`` without field ``skip`` (other fields copied)."""
+    out = type(msg)()
+    for fd, value in msg.ListFields():
+        if fd.name == skip:
+            continue
+        if fd.is_repeated:
+            getattr(out, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(out, fd.name).CopyFrom(value)
+        else:
+            setattr(out, fd.name, value)
+    return out
+
+
+_TENSOR_RAW_DATA_TAG = bytes([(9 << 3) | 2])  # TensorProto.raw_data
+
+
+class _Encoding:
+    """The protobuf encoding of a model, written tensor by tensor (:meth:`write`): the model
+    without its graph, the graph field (tag, length), the graph without initializers, then
+    each initializer as its own field, its ``raw_data`` last. Parsing gives a message equal to
+    the model (field order differs from ``SerializeToString``; parsers accept any order).
+    Only one tensor's bytes exist at a time; ``size`` is the encoded length in bytes."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.head = _without(model, "graph").SerializeToString()
+        self.graph = _without(model.graph, "initializer").SerializeToString() if model.HasField("graph") else None
+        self.lengths = []  # per initializer: (encoded length, raw_data length or None)
+        for t in model.graph.initializer:
+            if t.HasField("raw_data"):
+                raw = len(t.raw_data)  # a transient copy of one tensor
+                meta = _without(t, "raw_data").ByteSize()
+                self.lengths.append((meta + 1 + len(_varint(raw)) + raw, raw))
+            else:
+                self.lengths.append((t.ByteSize(), None))
+        body = 0 if self.graph is None else len(self.graph) + sum(1 + len(_varint(n)) + n for n, _ in self.lengths)
+        self.body = body
+        self.size = len(self.head) + (0 if self.graph is None else 1 + len(_varint(body)) + body)
+
+    def write(self, fh) -> None:
+        """Write the encoding to binary file ``fh``."""
+        fh.write(self.head)
+        if self.graph is None:
+            return
+        fh.write(_MODEL_GRAPH_TAG + _varint(self.body))
+        fh.write(self.graph)
+        for t, (n, raw) in zip(self.model.graph.initializer, self.lengths):
+            fh.write(_GRAPH_INITIALIZER_TAG + _varint(n))
+            if raw is None:
+                fh.write(t.SerializeToString())
+                continue
+            fh.write(_without(t, "raw_data").SerializeToString())
+            fh.write(_TENSOR_RAW_DATA_TAG + _varint(raw))
+            fh.write(t.raw_data)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -28,7 +28,7 @@ from onnxprune.report import CompressReport, GroupRow
 from onnxprune.shapes import measure_shapes
 from onnxprune.runtime.verify import VerifyResult, verify
 from onnxprune.surgery import apply_plan
-from onnxprune.surgery.oracle import zeroed_reference
+from onnxprune.surgery.oracle import masked_reference
 from onnxprune.progressive import ProgressiveRun, held_out_split, reached, timed
 from onnxprune.schedule import plan_of_original
 
@@ -279,7 +279,7 @@ def _verify(prep: Prepared, plan: PruningPlan, model: onnx.ModelProto, *, recove
     is verified for the oracle and the written model for everything else.
     """
     removed = {g: np.asarray(v) for g, v in plan.removed.items()}
-    reference = zeroed_reference(prep.model, prep.analysis, removed)
+    reference = masked_reference(prep.model, prep.analysis, removed)  # one session: original and oracle
     kw = dict(seed=seed, feeds=_data_feeds(prep, data))
     if not recovered:
         return verify(model, prep.original, prep.input_shapes, reference=reference, **kw)

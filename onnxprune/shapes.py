@@ -20,6 +20,7 @@ import onnx
 from onnxprune.errors import InputShapeError, UnsupportedModelError, first_line
 from onnxprune.inputs import graph_inputs, make_inputs, tensor_bytes
 from onnxprune.safety import check_allocation
+from onnxprune.skeleton import lift_weights, skeleton
 
 __all__ = ["measure_shapes"]
 
@@ -30,10 +31,11 @@ def _fmt_shapes(shapes: Mapping[str, tuple[int, ...]]) -> str:
     return ", ".join(f"{n}={'x'.join(str(d) for d in s) or 'scalar'}" for n, s in shapes.items())
 
 
-def _probe_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Copy of ``model`` whose graph outputs are every node output of the top-level graph."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+def _probe_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """Skeleton of ``model`` (large weights as inputs, :func:`onnxprune.skeleton.lift_weights`)
+    whose graph outputs are every node output of the top-level graph, and the weights to feed."""
+    lifted = lift_weights(model)
+    probe = lifted.model
     graph = probe.graph
     existing = {o.name for o in graph.output}
     # Declared value_info can be wrong (exporters) and clash with what ORT infers; drop it.
@@ -45,7 +47,7 @@ def _probe_model(model: onnx.ModelProto) -> onnx.ModelProto:
                 vi = onnx.ValueInfoProto()
                 vi.name = out  # no type: onnxruntime takes it from its own inference
                 graph.output.append(vi)
-    return probe
+    return probe, lifted.weights
 
 
 def _session(probe: onnx.ModelProto):
@@ -69,15 +71,9 @@ def activation_bytes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[in
     Large initializers are replaced by inputs of the same type for the inference, so it
     costs little even for big models. Never raises: a failed inference gives 0.
     """
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)
-    graph = skeleton.graph
+    skel = skeleton(model)[0]
+    graph = skel.graph
     del graph.value_info[:]
-    big = [i for i, t in enumerate(graph.initializer) if int(np.prod(t.dims, dtype=np.float64)) > 4096]
-    for i in reversed(big):
-        t = graph.initializer[i]
-        graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        del graph.initializer[i]
     for vi in graph.input:
         if vi.name in input_shapes and vi.type.HasField("tensor_type"):
             shape = vi.type.tensor_type.shape
@@ -85,7 +81,7 @@ def activation_bytes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[in
             for d in input_shapes[vi.name]:
                 shape.dim.add().dim_value = int(d)
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skel, strict_mode=False, data_prop=True)
     except Exception:  # an estimate only
         return 0
     total = 0
@@ -149,14 +145,15 @@ def measure_shapes(
     check_allocation(activation_bytes(model, {n: shapes[n] for n in real}),
                      f"running the model at input shapes {_fmt_shapes({n: shapes[n] for n in real})} "
                      f"(every activation, by static shape inference)")
-    probe = _probe_model(model)
     try:
+        probe, weights = _probe_model(model)
         sess = _session(probe)
     except Exception as exc:
         raise UnsupportedModelError(f"onnxruntime cannot load the model: {first_line(exc)}") from exc
+    del probe
     out_names = [o.name for o in sess.get_outputs()]
     try:
-        values = sess.run(out_names, feeds)
+        values = sess.run(out_names, {**feeds, **weights})
     except Exception as exc:
         raise InputShapeError(
             f"the model does not run with input shapes {_fmt_shapes({n: shapes[n] for n in real})} "

@@ -186,3 +186,16 @@ def test_save_large_uses_external_data(tmp_path, monkeypatch):
     assert model.graph.initializer[0].data_location == TensorProto.DEFAULT  # caller's model untouched
     loaded = load_model(out)
     np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), numpy_helper.to_array(model.graph.initializer[0]))
+
+
+def test_save_writes_initializers_one_by_one_and_loads_back_equal(tmp_path):
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((64, 80)).astype(np.float32), "w")
+    b = numpy_helper.from_array(np.arange(3, dtype=np.int64), "b")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 80])], [w, b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.metadata_props.add(key="k", value="v")
+    out = save_model(model, tmp_path / "m.onnx")
+    assert onnx.load(str(out)).SerializeToString() == model.SerializeToString()

@@ -6,6 +6,12 @@ target. Prints a markdown table (for the README and issue notes) and writes JSON
 
     python tools/fetch_assets.py
     python tools/bench_compress.py --target-macs 0.5 --criterion l1 --json bench.json
+
+With ``--speed`` it prints the graph-side speed table of issue 12 instead
+(:mod:`compress_speed`: compress wall against the floor of the same model, measured in
+the same run, peak RSS, stage seconds; each in a fresh process):
+
+    PYTHONPATH=$PWD python tools/bench_compress.py --speed --models light_resnet50 light_vgg19 --repeat 3
 """
 
 from __future__ import annotations
@@ -40,7 +46,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--models", nargs="*", default=MODELS)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--speed", action="store_true",
+                    help="graph-side speed table: compress wall vs floor, peak RSS, stages (subprocesses)")
     args = ap.parse_args()
+    if args.speed:
+        return _speed(args)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,6 +89,26 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "json"},
                                          "rows": rows}, indent=1))
+    return 0
+
+
+def _speed(args) -> int:
+    """``--speed``: the compress speed table (``--repeat`` runs per model, default 1 here)."""
+    import compress_speed
+
+    models = args.models if args.models != MODELS else ["light_resnet50", "light_vgg19"]
+    repeat = args.repeat if "--repeat" in sys.argv else 1
+    rows = []
+    for name in models:
+        path = assets.asset_path(name)
+        if path is None:
+            print(f"skip {name}: not fetched ({assets.FETCH_HINT})", file=sys.stderr)
+            continue
+        rows.append(compress_speed.measure(path, repeat=repeat))
+        print(f"{name}: {rows[-1]['wall_s']:.2f} s, floor {rows[-1]['floor_s']:.2f} s", file=sys.stderr, flush=True)
+    print(compress_speed.table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
     return 0
 
 

@@ -55,9 +55,18 @@ def analyze(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> An
         handler.analyze(node, ctx)
     for out in graph.outputs:
         ctx.block(out, f"feeds graph output {out.name}")
-    float_consts = {
-        t.name: int(np.asarray(t.values).size)
+    float_consts = {  # read from the tensors' metadata: no weight is loaded here
+        t.name: int(np.prod(t.shape, dtype=np.int64))
         for t in graph.tensors().values()
-        if isinstance(t, gs.Constant) and np.issubdtype(np.asarray(t.values).dtype, np.floating)
+        if isinstance(t, gs.Constant) and _is_float(t)
     }
     return build_analysis(ctx, float_consts)
+
+
+
+def _is_float(t: gs.Constant) -> bool:
+    """Whether a constant's values are a numpy floating type (float16/32/64), read from its
+    metadata; types numpy lacks (bfloat16, float8) are decided on the loaded values."""
+    if isinstance(t.dtype, np.dtype):
+        return bool(np.issubdtype(t.dtype, np.floating))
+    return bool(np.issubdtype(np.asarray(t.values).dtype, np.floating))

@@ -77,6 +77,17 @@ class CostTerm:
     tensor: str | None = None  # the initializer a params term counts
 
 
+@dataclass(frozen=True)
+class ConstMeta:
+    """What the analysis knows of a constant without reading its values: ``shape`` and ``ndim``."""
+
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
 class ElementSpace:
     """Union-find over channel elements, with allocation bookkeeping and block reasons."""
 
@@ -163,6 +174,14 @@ class AnalysisContext:
     def const(t: gs.Tensor) -> np.ndarray | None:
         """The value of a constant tensor, or None for a variable."""
         return t.values if isinstance(t, gs.Constant) else None
+
+    @staticmethod
+    def const_meta(t: gs.Tensor) -> ConstMeta | None:
+        """Shape of a constant tensor without loading its values (:class:`ConstMeta`), or None
+        for a variable. Handlers that only need a weight's shape use this, not :meth:`const`."""
+        if not isinstance(t, gs.Constant):
+            return None
+        return ConstMeta(tuple(int(d) for d in t.shape))
 
     def get(self, t: gs.Tensor) -> TensorChannels | None:
         """Channel elements of an activation tensor, or None when untracked."""

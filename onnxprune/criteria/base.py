@@ -45,6 +45,10 @@ class Criterion(Protocol):
         ...
 
 
+#: float64 elements converted at a time by :func:`member_reduce` (bounds its memory: 64 MB)
+REDUCE_CHUNK_ELEMENTS = 1 << 23
+
+
 def member_reduce(group: ChannelGroup, weights: Mapping[str, np.ndarray], roles: Iterable[Role],
                   fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """Sum over members with a role in ``roles`` of ``fn`` of each channel's slice.
@@ -53,7 +57,10 @@ def member_reduce(group: ChannelGroup, weights: Mapping[str, np.ndarray], roles:
         group: the group.
         weights: initializer name -> array.
         roles: which members count.
-        fn: maps a float64 [P, K] array (P positions, the K weights of each slice) to [P].
+        fn: maps a float64 [P, K] array (P positions, the K weights of each slice) to [P],
+            row by row: it is called on consecutive blocks of rows (at most
+            :data:`REDUCE_CHUNK_ELEMENTS` elements each), so the float64 copy of a big
+            weight is never made whole.
 
     Returns:
         float64 [group.size]; channels no member touches get 0.
@@ -63,11 +70,18 @@ def member_reduce(group: ChannelGroup, weights: Mapping[str, np.ndarray], roles:
     for m in group.members:
         if m.role not in roles:
             continue
-        w = np.asarray(weights[m.tensor], dtype=np.float64)
+        w = np.asarray(weights[m.tensor])
         if m.rows is not None:
             w = w[m.rows[0]:m.rows[1]]
-        w = np.moveaxis(w, m.axis, 0)[m.positions].reshape(len(m.positions), -1)
-        np.add.at(out, m.channels, fn(w))
+        w = np.moveaxis(w, m.axis, 0)  # a view
+        per = max(1, w[0].size if w.shape[0] else 1)
+        step = max(1, REDUCE_CHUNK_ELEMENTS // per)
+        pos = np.asarray(m.positions)
+        vals = np.empty(len(pos), dtype=np.float64)
+        for s in range(0, len(pos), step):
+            block = np.asarray(w[pos[s:s + step]], dtype=np.float64).reshape(len(pos[s:s + step]), -1)
+            vals[s:s + step] = fn(block)
+        np.add.at(out, m.channels, vals)
     return out
 
 

@@ -36,9 +36,9 @@ class ConvHandler(OpHandler):
         x, w = node.inputs[0], node.inputs[1]
         b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
         y = node.outputs[0]
-        wv = ctx.const(w)
+        wv = ctx.const_meta(w)
         yshape = ctx.shape(y)
-        if wv is None or yshape is None or (b is not None and ctx.const(b) is None):
+        if wv is None or yshape is None or (b is not None and ctx.const_meta(b) is None):
             why = f"Conv {node.name} has non-constant weights"
             ctx.block_inputs(node, why)
             if yshape is not None:
@@ -137,9 +137,9 @@ class ConvTransposeHandler(OpHandler):
         x, w = node.inputs[0], node.inputs[1]
         b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
         y = node.outputs[0]
-        wv, xshape, yshape = ctx.const(w), ctx.shape(x), ctx.shape(y)
+        wv, xshape, yshape = ctx.const_meta(w), ctx.shape(x), ctx.shape(y)
         g = int(node.attrs.get("group", 1))
-        if wv is None or yshape is None or xshape is None or g != 1 or (b is not None and ctx.const(b) is None):
+        if wv is None or yshape is None or xshape is None or g != 1 or (b is not None and ctx.const_meta(b) is None):
             why = (f"ConvTranspose {node.name} has group={g}" if g != 1
                    else f"ConvTranspose {node.name} has non-constant weights")
             ctx.block_inputs(node, why)

@@ -40,10 +40,10 @@ class GemmHandler(OpHandler):
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
         a, b = node.inputs[0], node.inputs[1]
         c = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-        bv = ctx.const(b)
+        bv = ctx.const_meta(b)
         trans_a, trans_b = int(node.attrs.get("transA", 0)), int(node.attrs.get("transB", 0))
         k_axis_a = 0 if trans_a else 1
-        if bv is None or (c is not None and ctx.const(c) is None):
+        if bv is None or (c is not None and ctx.const_meta(c) is None):
             _blocked_product(node, ctx, f"Gemm {node.name} has non-constant weights", k_axis_a)
             return
         tc = ctx.get(a)
@@ -93,7 +93,7 @@ class MatMulHandler(OpHandler):
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
         a, b = node.inputs[0], node.inputs[1]
-        bv = ctx.const(b)
+        bv = ctx.const_meta(b)
         tc = ctx.get(a)
         y = node.outputs[0]
         ys = ctx.shape(y)

@@ -27,7 +27,7 @@ class ChannelNormHandler(OpHandler):
             ctx.block(x, f"{node.op} {node.name} normalises axis 1 but channels lie on axis {tc.axis}")
             return
         params = [t for t in node.inputs[1:] if t.name]
-        if any(ctx.const(t) is None for t in params):
+        if any(ctx.const_meta(t) is None for t in params):
             ctx.block(x, f"{node.op} {node.name} has non-constant parameters")
             return
         ctx.set(node.outputs[0], 1, tc.elems)

@@ -10,7 +10,9 @@ Rules this stage follows, in this order:
    (:func:`onnxprune.inputs.make_inputs`, seeded). Failures name the node when
    onnxruntime does. Sessions run the graph as written (graph optimisations off) so
    that errors name the model's own nodes; :mod:`onnxprune.runtime.latency` measures with full
-   optimisation.
+   optimisation. Large weights are fed as inputs of a skeleton (:mod:`onnxprune.skeleton`),
+   so no session serialises or copies them. With a masked oracle reference the original is
+   loaded and its canonical form run, in one session with the oracle (see :func:`verify`).
 3. The pruned model's graph inputs and outputs must carry the same names as the
    original's, and every output the same dtype and shape.
 4. With a surgery oracle reference, the pruned model must compute what the original
@@ -38,11 +40,14 @@ import onnxruntime as ort
 
 from onnxprune.errors import OnnxPruneError, UnsupportedModelError, VerificationError
 from onnxprune.inputs import graph_inputs, make_inputs
+from onnxprune.skeleton import lift_weights, skeleton
+from onnxprune.surgery.oracle import MaskedReference
 
 __all__ = [
     "OutputFidelity",
     "VerifyResult",
     "check_oracle",
+    "compare_oracle",
     "check_providers",
     "make_session",
     "model_source",
@@ -127,27 +132,26 @@ def check_providers(providers: Sequence[Provider]) -> None:
             )
 
 
-def _model_size(model: onnx.ModelProto) -> int:
-    try:
-        return model.ByteSize()
-    except Exception:  # protobuf implementations may refuse to size huge messages
-        return PROTOBUF_LIMIT + 1
-
-
 @contextlib.contextmanager
 def model_source(model: onnx.ModelProto | str | os.PathLike) -> Iterator[bytes | str]:
     """Yield what onnxruntime / the checker should read: bytes, or a path for big models.
 
-    Paths are passed through. A ModelProto at or over :data:`PROTOBUF_LIMIT` is copied
-    (the caller's proto is left untouched) and saved with external data into a temporary
-    directory that lives until the context exits; smaller ones are serialised to bytes.
+    Paths are passed through. A ModelProto is serialised once; when that fails or gives
+    :data:`PROTOBUF_LIMIT` bytes or more, it is copied (the caller's proto is left
+    untouched) and saved with external data into a temporary directory that lives until
+    the context exits.
     """
     if isinstance(model, (str, os.PathLike)):
         yield os.fspath(model)
         return
-    if _model_size(model) < PROTOBUF_LIMIT:
-        yield model.SerializeToString()
+    try:
+        data = model.SerializeToString()
+    except Exception:  # over the protobuf limit: some implementations refuse to encode it
+        data = None
+    if data is not None and len(data) < PROTOBUF_LIMIT:
+        yield data
         return
+    del data
     with tempfile.TemporaryDirectory(prefix="onnxprune-") as tmp:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
@@ -245,12 +249,21 @@ def run_model(
 ) -> dict[str, np.ndarray]:
     """Run ``model`` once in onnxruntime on ``feeds``; returns ``{output name: array}``.
 
-    Feeds for inputs the model does not have are ignored; a missing feed, a load or a
-    run failure raises :class:`VerificationError`.
+    A ModelProto's large weights are fed as inputs of its skeleton
+    (:func:`onnxprune.skeleton.lift_weights`): the session neither serialises nor copies
+    them, and computes the same outputs. Feeds for inputs the model does not have are
+    ignored; a missing feed, a load or a run failure raises :class:`VerificationError`.
     """
+    weights: dict[str, np.ndarray] = {}
+    if isinstance(model, onnx.ModelProto):
+        try:
+            lifted = lift_weights(model)
+        except ValueError as exc:
+            raise VerificationError(f"the {label} has a corrupt initializer: {exc}") from exc
+        model, weights = lifted.model, lifted.weights
     with model_source(model) as source:
         sess = make_session(source, providers, label=label)
-        return _run_session(sess, feeds, label)
+    return _run_session(sess, {**feeds, **weights}, label)
 
 
 # ---------------------------------------------------------------------------- checks
@@ -264,6 +277,10 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 
 
 def _checker_error(model: onnx.ModelProto) -> BaseException | None:
+    """The checker's exception for ``model`` (its skeleton: large weights as inputs of the
+    same type and shape, :func:`onnxprune.skeleton.skeleton`, so they are not serialised;
+    their bytes are checked when onnxruntime loads them), or None when it passes."""
+    model = skeleton(model)[0]
     with model_source(model) as source:
         target = model if isinstance(source, bytes) else source
         try:
@@ -351,7 +368,12 @@ def check_oracle(reference: onnx.ModelProto, out: Mapping[str, np.ndarray], feed
         VerificationError: an output differs by more than its tolerance (the surgery is
             wrong), one line naming the output and its error.
     """
-    ref = run_model(reference, feeds, providers, label="surgery oracle")
+    return compare_oracle(run_model(reference, feeds, providers, label="surgery oracle"), out)
+
+
+def compare_oracle(ref: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """:func:`check_oracle` on outputs already computed: ``ref`` of the oracle, ``out`` of the
+    pruned model (``{output name: array}`` each). Same result and errors."""
     errors: dict[str, float] = {}
     abs_errors: dict[str, float] = {}
     tols: dict[str, float] = {}
@@ -419,7 +441,7 @@ def verify(
     *,
     seed: int = 0,
     providers: Sequence[Provider] = ("CPUExecutionProvider",),
-    reference: onnx.ModelProto | None = None,
+    reference: onnx.ModelProto | MaskedReference | None = None,
     feeds: Mapping[str, np.ndarray] | None = None,
 ) -> VerifyResult:
     """Check ``pruned``, run it and ``original`` on the same random inputs, compare outputs.
@@ -438,6 +460,10 @@ def verify(
     zeroed, :func:`onnxprune.surgery.oracle.zeroed_reference`), the pruned model's outputs
     must also equal the reference's on the same inputs (:func:`check_oracle`, which raises
     :class:`VerificationError` when they differ); the result is :attr:`VerifyResult.oracle`.
+    With a :class:`~onnxprune.surgery.oracle.MaskedReference` (built from the canonical
+    original) one session runs it twice: all-ones masks give the original's outputs (its
+    canonical form computes what it computes, so ``original`` itself is only loaded, as a
+    skeleton, to check that onnxruntime accepts it) and the plan's masks the oracle's.
     """
     check_providers(providers)
     _check(pruned, original)
@@ -450,8 +476,23 @@ def verify(
 
     if feeds is None:
         feeds = make_inputs(original, dict(input_shapes), seed=seed)
-    ref = run_model(original, feeds, providers, label="original model")
-    out = run_model(pruned, feeds, providers, label="pruned model")
+    oracle_out = None
+    if isinstance(reference, MaskedReference):  # the original is not run: check that it loads
+        with model_source(skeleton(original)[0]) as source:
+            make_session(source, providers, label="original model")
+    out = run_model(pruned, feeds, providers, label="pruned model")  # its weights are freed after the run
+    if isinstance(reference, MaskedReference):  # one session: the original, then the oracle
+        with model_source(reference.model) as source:
+            sess = make_session(source, providers, label="original model")
+        try:
+            weights = reference.weights()
+        except ValueError as exc:
+            raise VerificationError(f"the original model has a corrupt initializer: {exc}") from exc
+        ref = _run_session(sess, {**feeds, **reference.feeds(False, weights)}, "original model")
+        oracle_out = _run_session(sess, {**feeds, **reference.feeds(True, weights)}, "surgery oracle")
+        del sess, weights
+    else:
+        ref = run_model(original, feeds, providers, label="original model")
 
     shapes: dict[str, tuple[int, ...]] = {}
     fidelity: dict[str, OutputFidelity] = {}
@@ -469,6 +510,8 @@ def verify(
         shapes[name] = tuple(int(d) for d in o.shape)
         fidelity[name] = _fidelity(r, o)
     oracle = None
-    if reference is not None:
+    if oracle_out is not None:
+        oracle = compare_oracle(oracle_out, out)
+    elif reference is not None:
         oracle = check_oracle(reference, out, feeds, providers)
     return VerifyResult(output_shapes=shapes, fidelity=fidelity, oracle=oracle)

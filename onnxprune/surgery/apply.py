@@ -10,19 +10,24 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import sys
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxprune.subgraphs import import_graph
 
 from onnxprune.analysis.groups import Analysis
 from onnxprune.errors import SurgeryError
 from onnxprune.ops.registry import get_handler
+from onnxprune.skeleton import FEEDABLE, LIFT_MIN_ELEMENTS, infer_value_info
 from onnxprune.surgery.context import SurgeryContext
 
 
-def _keep_masks(analysis: Analysis, removed: Mapping[int, np.ndarray], values: Mapping[str, np.ndarray]):
+def _keep_masks(analysis: Analysis, removed: Mapping[int, np.ndarray],
+                shapes: Mapping[tuple[str, str], tuple[int, ...]]):
     """{(node, tensor): {(axis, rows): bool keep mask along axis}} for sliced members."""
     masks: dict[tuple[str, str], dict[tuple[int, tuple[int, int] | None], np.ndarray]] = {}
     for gid, idx in removed.items():
@@ -37,7 +42,7 @@ def _keep_masks(analysis: Analysis, removed: Mapping[int, np.ndarray], values: M
             per = masks.setdefault((m.node, m.tensor), {})
             key = (m.axis, m.rows)
             if key not in per:
-                per[key] = np.ones(values[(m.node, m.tensor)].shape[m.axis], dtype=bool)
+                per[key] = np.ones(shapes[(m.node, m.tensor)][m.axis], dtype=bool)
             per[key][drop] = False
     return masks
 
@@ -94,19 +99,19 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, removed: Mapping[int,
             handler.apply(node, ctx)
 
     nodes = {n.name: n for n in graph.nodes}
-    values: dict[tuple[str, str], np.ndarray] = {}
+    shapes: dict[tuple[str, str], tuple[int, ...]] = {}  # read without loading the values
     for g in analysis.groups:
         for m in g.members:
             node = nodes[m.node]
             t = next(t for t in node.inputs if t.name == m.tensor)
-            values[(m.node, m.tensor)] = np.asarray(t.values)
-    for (node_name, tensor), per_axis in _keep_masks(analysis, removed, values).items():
+            shapes[(m.node, m.tensor)] = tuple(int(d) for d in t.shape)
+    for (node_name, tensor), per_axis in _keep_masks(analysis, removed, shapes).items():
         node = nodes[node_name]
         index = next(i for i, t in enumerate(node.inputs) if t.name == tensor)
-        ctx.set_const(node, index, _slice(values[(node_name, tensor)], per_axis))
+        ctx.set_const(node, index, _slice(np.asarray(node.inputs[index].values), per_axis))
 
     graph.cleanup().toposort()
-    out = gs.export_onnx(graph)
+    out = _export(graph)
     out.ir_version = model.ir_version
     del out.opset_import[:]
     out.opset_import.extend(model.opset_import)
@@ -115,9 +120,42 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, removed: Mapping[int,
     out.graph.output.clear()
     out.graph.output.extend(model.graph.output)
     try:
-        out = onnx.shape_inference.infer_shapes(out)
+        infer_value_info(out)  # on the skeleton: the weights are not serialised
     except Exception:  # shapes are informative only; verification runs the model
         pass
+    return out
+
+
+def _export(graph: gs.Graph) -> onnx.ModelProto:
+    """``gs.export_onnx`` with every large sliced weight written once, straight into the
+    exported initializer's ``raw_data`` (graphsurgeon would build a TensorProto per weight and
+    copy it again into the graph): such constants are exported as data-less placeholders of
+    the same name, type and dims, then filled, each array released once written."""
+    pending: dict[str, np.ndarray] = {}
+    for t in graph.tensors().values():
+        if not isinstance(t, gs.Constant) or isinstance(t._values, LazyValues):
+            continue
+        arr = t.values
+        if (not isinstance(arr, np.ndarray) or arr.size <= LIFT_MIN_ELEMENTS or t.export_dtype != t.dtype
+                or sys.byteorder != "little" or not arr.dtype.isnative):
+            continue
+        try:
+            elem = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
+        except (KeyError, TypeError, ValueError):
+            continue
+        if elem not in FEEDABLE:
+            continue
+        proto = onnx.TensorProto(name=t.name, data_type=elem, dims=list(arr.shape))
+        pending[t.name] = arr
+        t._values = LazyValues(proto)
+    out = gs.export_onnx(graph)
+    for init in out.graph.initializer:
+        arr = pending.pop(init.name, None)
+        if arr is not None:
+            init.raw_data = np.ascontiguousarray(arr).tobytes()
+            del arr
+    if pending:  # cannot happen: every constant the graph holds is exported
+        raise SurgeryError(f"weights {sorted(pending)[:3]} were not exported")
     return out
 
 
