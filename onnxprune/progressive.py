@@ -129,12 +129,14 @@ class ProgressiveRun:
                           metric=None if self.metric is None else self.metric.measure,
                           measure=self.measure, original_ms=self.original_ms,
                           latency_search=self._latency_search)
-        state = initial_state(prep.model, prep.analysis, self.original_ms)
         if o.target is None:
             plan_ms = guard_milestones()
         else:
             n = auto_steps(o.target, recovering=recovering) if o.steps == "auto" else int(o.steps)
             plan_ms = milestones(o.target, n)
+        setup = dataclasses.replace(setup, final_kept=None if o.target is None else plan_ms[-1].kept,
+                                    gradual=o.target is None or len(plan_ms) > 1)
+        state = initial_state(prep.model, prep.analysis, self.original_ms)
         guard = self.metric is not None and o.max_drop is not None
         records: list[StepRecord] = []
         warnings: list[str] = []

@@ -18,10 +18,16 @@ schedules; the IFSO authors prune during training). Rules the schedule follows:
    distillation from the *original* model with early stopping on the held-out figure
    (the input of fine-tuning counts too, so recovery never makes a step worse).
 3. **Never slower**: a step's cut is measured (onnxruntime, the provider of the run)
-   before recovery; when it is not faster than the original and ``round_to`` was not
-   fixed by the user, the step is re-planned with the next coarser ``round_to`` of 2, 4,
-   8, 16, 32, and the fastest cut is kept (a warning says so if none is faster).
-4. Every step records MACs, params, latency (when measured) and the held-out figure.
+   before recovery; when it is the final cut (the last milestone, or a cut that already
+   reaches it; every cut of a run driven by the accuracy guard alone) and is not faster
+   than the original, and ``round_to`` was not fixed by the user, it is re-planned with
+   the next coarser ``round_to`` of 2, 4, 8, 16, 32, and the fastest cut is kept (a note
+   says so if none is faster). Intermediate cuts are not coarsened: coarser counts make
+   big jumps, and only the returned model has to be fast.
+4. **Gradual**: in a schedule of several steps no step removes more than
+   :data:`STEP_LAYER_CAP` of any group's current channels (on top of the user's
+   ``max_layer_ratio``), so that a criterion cannot empty a cheap layer in one step.
+5. Every step records MACs, params, latency (when measured) and the held-out figure.
    The pipeline's accuracy guard (:mod:`onnxprune.pipeline`) decides which step is
    returned; :func:`compose_kept` maps each step's removals back to the original
    channel numbering, so the final plan is a plan of the original model.
@@ -52,6 +58,8 @@ AUTO_MAX_STEPS = 6
 #: kept fraction per step when only an accuracy guard drives the schedule
 GUARD_STEP = 0.85
 GUARD_FLOOR = 0.05
+#: at most this share of a group's current channels goes in one step of a multi-step schedule
+STEP_LAYER_CAP = 0.5
 #: round_to values tried, coarser and coarser, when a cut is not faster than the original
 COARSER = (2, 4, 8, 16, 32)
 
@@ -159,6 +167,9 @@ class StepSetup:
         measure: ``measure(model) -> median ms``, or None (no latency measured).
         original_ms: the original's median latency (with ``measure``).
         latency_search: ``search(state, target) -> LatencySearch`` for latency milestones.
+        final_kept: the last milestone's kept fraction (a cut reaching it is final), or
+            None for an open-ended run (every cut is checked by rule 3).
+        gradual: a schedule of several steps (rule 4's cap applies).
     """
 
     original: onnx.ModelProto
@@ -173,6 +184,8 @@ class StepSetup:
     measure: Callable[[onnx.ModelProto], float] | None = None
     original_ms: float | None = None
     latency_search: Callable | None = None
+    final_kept: float | None = None
+    gradual: bool = False
 
 
 @dataclass(frozen=True)
@@ -250,6 +263,8 @@ def _cut(state: State, target: Target, scores, setup: StepSetup, round_to: int):
     from onnxprune.surgery import apply_plan
 
     opts = replace(setup.plan, round_to=round_to)
+    if setup.gradual:
+        opts = replace(opts, max_layer_ratio=min(opts.max_layer_ratio, STEP_LAYER_CAP))
     if target.kind is TargetKind.LATENCY:
         search = setup.latency_search(state, target, scores, opts)
         return search.plan, search.model, search
@@ -289,7 +304,9 @@ def run_step(index: int, m: Milestone, state: State, setup: StepSetup, round_to:
     elif setup.measure is not None:
         latency = setup.measure(pruned)
         tried = [(latency, round_to, plan, pruned)]
-        coarser = [n for n in COARSER if n > round_to]
+        final = final or _reaches_final(plan, m, state, setup)
+        check = final or setup.final_kept is None
+        coarser = [n for n in COARSER if n > round_to] if check else []
         while (not setup.round_to_fixed and setup.original_ms is not None and latency >= setup.original_ms
                and coarser):
             prev, prev_n, round_to = latency, round_to, coarser.pop(0)
@@ -299,9 +316,11 @@ def run_step(index: int, m: Milestone, state: State, setup: StepSetup, round_to:
             notes.append(f"the cut with round_to {prev_n} measured {prev:.3f} ms, not faster than the original's "
                          f"{setup.original_ms:.3f} ms: re-planned with round_to {round_to} ({latency:.3f} ms)")
         latency, round_to, plan, pruned = min(tried, key=lambda t: t[0])
-        if setup.original_ms is not None and latency >= setup.original_ms and not setup.round_to_fixed:
+        if check and setup.original_ms is not None and latency >= setup.original_ms and not setup.round_to_fixed:
             notes.append(f"no round_to up to {COARSER[-1]} made the cut faster than the original "
                          f"({latency:.3f} vs {setup.original_ms:.3f} ms); kept the fastest, round_to {round_to}")
+    else:
+        final = final or _reaches_final(plan, m, state, setup)
     times["plan_apply"] = time.perf_counter() - t1
 
     removed = {g: np.asarray(v) for g, v in plan.removed.items()}
@@ -339,6 +358,15 @@ def run_step(index: int, m: Milestone, state: State, setup: StepSetup, round_to:
                      _frac(new.params, setup, "params"), latency, after, before, round_to, reach,
                      seconds=times, recovery=recovery, criterion_info=dict(info or {}), notes=tuple(notes))
     return new, rec, round_to
+
+
+def _reaches_final(plan: PruningPlan, m: Milestone, state: State, setup: StepSetup) -> bool:
+    """Whether a MACs / params cut already reaches the last milestone (later steps are moot)."""
+    if setup.final_kept is None or m.kind not in (TargetKind.MACS, TargetKind.PARAMS):
+        return False
+    what = "macs" if m.kind is TargetKind.MACS else "params"
+    after = plan.macs_after if what == "macs" else plan.params_after
+    return after / max(setup.original_analysis.count(what), 1) <= setup.final_kept + 1e-3
 
 
 def _frac(count: int, setup: StepSetup, what: str) -> float:

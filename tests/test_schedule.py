@@ -241,3 +241,24 @@ def test_round_to_sweep_is_cached_per_setup(tmp_path, monkeypatch):
     (tmp_path / "cache" / "round_to.json").write_text("{not json")
     broken = cached_channel_sweep(prep.model, a.shapes, a, threads=1, window=8)  # never a failure
     assert "unreadable" in broken.info["cache_note"] and calls == [1, 2, 1]
+
+
+def test_only_the_final_cut_is_coarsened_and_gradual_steps_are_capped():
+    model = build_residual(seed=0)
+    calls = []
+
+    def slow_ms(m: onnx.ModelProto) -> float:
+        calls.append(1)
+        return 2.0  # never faster than the original's 1 ms
+
+    setup = _setup("residual", model, measure=slow_ms, original_ms=1.0, round_to_fixed=False, final_kept=0.3,
+                   gradual=True)
+    state = initial_state(model, setup.original_analysis, 1.0)
+    new, rec, rt = run_step(1, Milestone(TargetKind.MACS, 0.8), state, setup, 1)
+    assert rt == 1 and len(calls) == 1  # an intermediate cut is measured, not coarsened
+    for g in state.analysis.groups:  # and no group lost more than half its channels in one step
+        if g.prunable:
+            assert len(new.kept[g.name]) >= g.size / 2
+    calls.clear()
+    _, rec, rt = run_step(2, Milestone(TargetKind.MACS, 0.3), new, setup, 1, final=True)
+    assert len(calls) > 1 and any("no round_to up to 32" in n for n in rec.notes)
