@@ -547,7 +547,7 @@ def _labelled_lenet_data(folder: Path, n: int = 40) -> Path:
     return path
 
 
-def test_compress_with_data_defaults_to_ifso_progressive_recovery_and_held_out(workdir: Path, tmp_path: Path) -> None:
+def test_compress_with_data_defaults_to_taylor_progressive_recovery_and_held_out(workdir: Path, tmp_path: Path) -> None:
     src = _save_tiny(workdir, "lenet")
     data = _labelled_lenet_data(tmp_path)
     out, rep, png = workdir / "p.onnx", tmp_path / "r.json", tmp_path / "tradeoff.png"
@@ -555,7 +555,7 @@ def test_compress_with_data_defaults_to_ifso_progressive_recovery_and_held_out(w
                      "--finetune-epochs", "1", "-o", out, "--report", rep, "--plot", png)
     _assert_ok(result)
     d = json.loads(rep.read_text())
-    assert d["criterion"] == "ifso"
+    assert d["criterion"] == "taylor"
     assert len(d["schedule"]) == 4  # auto: one step per 15 % removed
     assert all(s["recovery"] and "finetune" in s["recovery"] for s in d["schedule"] if s["held_out"] is not None)
     held = d["held_out"]

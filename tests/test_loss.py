@@ -88,6 +88,9 @@ def test_resolve_auto_and_errors():
     assert resolve_loss("auto", has_labels=True, first_output_rank=2).kind == "ce"
     assert resolve_loss("auto", has_labels=False, first_output_rank=2).kind == "kl"
     assert resolve_loss("auto", has_labels=False, first_output_rank=4).kind == "mse"
+    # labels do not make a loss for a detector: auto falls back to the teacher loss
+    assert resolve_loss("auto", has_labels=True, first_output_rank=4).kind == "mse"
+    assert resolve_loss("distill", has_labels=True, first_output_rank=2).kind == "kl"
     assert resolve_loss("mse", has_labels=True, first_output_rank=2).kind == "mse"
     assert resolve_loss("kl", has_labels=False, first_output_rank=2).uses_teacher
     assert not resolve_loss("ce", has_labels=False, first_output_rank=2).uses_teacher

@@ -42,7 +42,7 @@ def _int_or_auto(value: str, option: str, *, minimum: int) -> int | str:
               help="Output model (default: <name>.pruned.onnx beside the input).")
 @click.option("--criterion", default=None,
               type=click.Choice(["l1", "l2", "bn", "cpmc", "random", "taylor", "infcp", "ifso"]),
-              help="Channel importance criterion (taylor, infcp, ifso need --data). Default: ifso with --data, "
+              help="Channel importance criterion (taylor, infcp, ifso need --data). Default: taylor with --data (measured best with recovery), "
                    "l1 without.")
 @click.option("--ratio", type=float, default=None, help="Fraction of prunable channels to remove.")
 @click.option("--target-macs", type=float, default=None, help="Fraction of MACs to keep (default 0.7).")
@@ -98,7 +98,7 @@ def _int_or_auto(value: str, option: str, *, minimum: int) -> int | str:
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Calibration batch size.")
 @click.option("--device", default="auto", show_default=True, help="Torch side: auto, cpu, cuda or cuda:N.")
 @click.option("--loss", type=click.Choice(["auto", "ce", "kl", "mse"]), default="auto", show_default=True,
-              help="Loss of data-driven criteria: auto = ce with labels, else kl (classifiers) or mse "
+              help="Loss of data-driven criteria: auto = ce with labels on a classifier, else kl (classifiers) or mse "
                    "(other outputs) to the original model.")
 @click.option("--ensemble", type=int, default=4, show_default=True,
               help="infcp: ensemble members (copies fine-tuned on disjoint shards of the data).")
@@ -111,7 +111,7 @@ def compress(model, output, criterion, ratio, target_macs, target_params, scope,
              provider, ensemble, recalibrate_bn, max_drop, steps, finetune_loss, patience, **finetune):
     """Prune MODEL and write a smaller ONNX model, with a report.
 
-    With --data (samples of your domain, labels optional): held-out split, ifso scores,
+    With --data (samples of your domain, labels optional): held-out split, taylor scores,
     progressive steps with recovery, accuracy guard (--max-drop). Without: l1, one step,
     and the report says that no accuracy was measured.
     """
@@ -140,7 +140,7 @@ def compress(model, output, criterion, ratio, target_macs, target_params, scope,
     if val_data is not None and data is None:
         raise OnnxPruneError("--val-data needs --data (the training and scoring samples)")
     if criterion is None:
-        criterion = "ifso" if data is not None else "l1"
+        criterion = "taylor" if data is not None else "l1"  # measured: README "Progressive compression"
     recovering = recover_flag if recover_flag is not None else data is not None
     if recovering and data is None:
         raise OnnxPruneError("--recover needs calibration data: give --data")

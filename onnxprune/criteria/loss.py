@@ -178,7 +178,8 @@ def resolve_loss(kind: str = "auto", *, has_labels: bool, first_output_rank: int
     Args:
         kind: one of ``auto``, ``ce``, ``kl``, ``mse``, ``distill`` (the teacher loss:
             ``kl`` for classifiers, ``mse`` otherwise, labels or not).
-        has_labels: whether the calibration data carries labels.
+        has_labels: whether the calibration data carries labels (``auto`` uses them only
+            for a classifier output; labels of a detector's data do not make a loss).
         first_output_rank: rank of the model's first output (2 = classifier logits).
         prefer_teacher: ``auto`` resolves to the teacher loss (``kl`` / ``mse``) even
             when labels exist.
@@ -190,8 +191,9 @@ def resolve_loss(kind: str = "auto", *, has_labels: bool, first_output_rank: int
         raise OnnxPruneError(f"unknown loss {kind!r}; choose from {', '.join(KINDS)}")
     if kind == "distill":
         kind, prefer_teacher = "auto", True
-    if kind == "auto":
-        kind = "ce" if has_labels and not prefer_teacher else ("kl" if first_output_rank == 2 else "mse")
+    if kind == "auto":  # labels only mean classes for a classifier output [N, classes]
+        use_labels = has_labels and not prefer_teacher and first_output_rank == 2
+        kind = "ce" if use_labels else ("kl" if first_output_rank == 2 else "mse")
     if kind in ("ce", "kl") and first_output_rank != 2:
         raise OnnxPruneError(f"loss {kind} needs a classifier output [N, classes], but the model's first output has "
                              f"rank {first_output_rank}; use --loss mse for other models")
