@@ -120,3 +120,10 @@ def test_the_quickstart_samples_are_the_example_models_held_out_digits():
     model = onnx.load(str(root / "mnist_cnn.onnx"))
     acc = np.mean(_ort_logits(model, d.x).argmax(1) == d.y)
     assert acc >= 0.95  # models/README.md: 97.8 % on these held-out digits
+
+
+def test_names_the_readme_shows_import_as_shown():
+    from onnxprune import CompressOptions, compress  # noqa: F401
+    from onnxprune.executor import TorchGraph  # noqa: F401
+    from onnxprune.holdout import HeldOutMetric, split_holdout  # noqa: F401
+    from onnxprune.surgery.oracle import masked_reference  # noqa: F401
