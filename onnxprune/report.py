@@ -391,7 +391,12 @@ def _recovery_lines(rec: Mapping[str, Any] | None) -> list[str]:
                      + (f", {len(b['skipped'])} consumer(s) skipped" if b.get("skipped") else ""))
     if "bn_recalibration" in rec:
         b = rec["bn_recalibration"]
-        lines.append(f"recovery: {b['nodes']} BatchNormalization node(s) re-calibrated on {b['samples']} samples")
+        line = f"recovery: {b['nodes']} BatchNormalization node(s) re-calibrated on {b['samples']} samples"
+        h = b.get("held_out")
+        if h:
+            line += (f" (held-out {h['before']:.1f} -> {h['after']:.1f}%: "
+                     + ("kept)" if h["kept"] else "not kept, the plain cut recovers from here)"))
+        lines.append(line)
     if "finetune" in rec:
         f = rec["finetune"]
         epochs = f.get("epoch_losses") or []

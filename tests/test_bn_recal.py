@@ -173,3 +173,21 @@ def test_model_without_bn_is_unchanged_and_no_samples_is_an_error():
     object.__setattr__(empty, "x", x[:0])
     with pytest.raises(OnnxPruneError, match="at least one calibration sample"):
         recalibrate_bn(build_const_channel(), empty)
+
+
+@pytest.mark.parametrize("recal_better", [True, False])
+def test_recalibration_is_kept_only_when_the_held_out_figure_does_not_drop(recal_better):
+    from onnxprune.recover import recover
+
+    model = build_const_channel(seed=0)
+    a, removed = plan_for(model)
+    pruned = apply_plan(model, a, removed)
+    calib = from_arrays(data())
+
+    def validate(m):  # the plain cut scores 50; anything else (the re-calibrated model) 60 or 40
+        return 50.0 if m is pruned else (60.0 if recal_better else 40.0)
+
+    rec = recover(model, pruned, a, removed, calib, recalibrate=True, validate=validate)
+    held = rec.info["bn_recalibration"]["held_out"]
+    assert held == {"before": 50.0, "after": 60.0 if recal_better else 40.0, "kept": recal_better}
+    assert (rec.model is pruned) is (not recal_better)

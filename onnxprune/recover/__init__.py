@@ -67,8 +67,10 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Analys
         teacher: the distillation target of fine-tuning (default ``original``; in
             progressive compression the unpruned model, while ``original`` is the
             previous step's model).
-        validate: held-out score of a candidate (higher is better) for fine-tuning's
-            early stopping (:func:`onnxprune.recover.training.finetune`).
+        validate: held-out score of a candidate (higher is better): the compensated and
+            re-calibrated model is kept only when it scores at least as well as the plain
+            cut (re-calibrating on data far from the training domain can hurt), and it drives
+            fine-tuning's early stopping (:func:`onnxprune.recover.training.finetune`).
 
     Raises:
         OnnxPruneError subclasses from the steps (see each function).
@@ -86,8 +88,13 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Analys
         model = bias.model
         info["bias_compensation"] = bias.to_dict()
         bn = recalibrate_bn(model, data, batch_size=batch_size, device=dev)
-        model = bn.model
         info["bn_recalibration"] = bn.to_dict()
+        if validate is not None:  # re-calibration on data far from the training domain can hurt
+            before, after = float(validate(pruned)), float(validate(bn.model))
+            info["bn_recalibration"]["held_out"] = {"before": before, "after": after, "kept": after >= before}
+            model = bn.model if after >= before else pruned
+        else:
+            model = bn.model
     if finetune_options is not None:
         ft = finetune(model, data, teacher=original if teacher is None else teacher, options=finetune_options,
                       measure_loss=False, validate=validate)
