@@ -123,7 +123,13 @@ def test_the_quickstart_samples_are_the_example_models_held_out_digits():
 
 
 def test_names_the_readme_shows_import_as_shown():
-    from onnxprune import CompressOptions, compress  # noqa: F401
-    from onnxprune.executor import TorchGraph  # noqa: F401
-    from onnxprune.holdout import HeldOutMetric, split_holdout  # noqa: F401
-    from onnxprune.surgery.oracle import masked_reference  # noqa: F401
+    import onnxprune.executor
+    from onnxprune import CompressOptions, compress
+    from onnxprune.executor import TorchGraph
+    from onnxprune.holdout import HeldOutMetric, split_holdout
+    from onnxprune.surgery.oracle import masked_reference
+
+    assert TorchGraph.__module__ == "onnxprune.executor.graph_module"
+    assert all(callable(f) for f in (compress, CompressOptions, HeldOutMetric, split_holdout, masked_reference))
+    with pytest.raises(AttributeError, match="NoSuchName"):
+        onnxprune.executor.NoSuchName
