@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import heapq
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +52,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxprune.skeleton import LIFT_MIN_ELEMENTS, infer_value_info
+from onnxprune.subgraphs import has_subgraphs, subgraphs
 
 __all__ = ["CanonicalResult", "canonicalize", "restore_storage_dtypes", "storage_casts"]
 
@@ -98,14 +98,6 @@ def _first_line(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
-
-
 def _local_names(graph: onnx.GraphProto) -> set[str]:
     names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     for node in graph.node:
@@ -119,7 +111,7 @@ def _outer_refs(graph: onnx.GraphProto) -> set[str]:
     refs: set[str] = set()
     for node in graph.node:
         refs.update(n for n in node.input if n and n not in local)
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             refs.update(n for n in _outer_refs(sub) if n not in local)
     refs.update(o.name for o in graph.output if o.name not in local)
     return refs
@@ -128,7 +120,7 @@ def _outer_refs(graph: onnx.GraphProto) -> set[str]:
 def _node_reads(node: onnx.NodeProto) -> set[str]:
     """Every tensor name a node reads, including outer-scope reads of its subgraphs."""
     reads = {n for n in node.input if n}
-    for sub in _subgraphs(node):
+    for sub in subgraphs(node):
         reads |= _outer_refs(sub)
     return reads
 
@@ -138,7 +130,7 @@ def _rename_node_inputs(graph: onnx.GraphProto, old: str, new: str) -> None:
         for i, name in enumerate(node.input):
             if name == old:
                 node.input[i] = new
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             _rename_in_subgraph(sub, old, new)
 
 
@@ -336,24 +328,20 @@ def _may_fold(graph: onnx.GraphProto) -> bool:
             continue
         if node.op_type in ("Shape", "Size", "Constant") or all(i in consts for i in node.input):
             return True
-        if any(True for _ in _subgraphs(node)):
+        if any(True for _ in subgraphs(node)):
             return True
     return False
-
-
-def _has_subgraphs(graph: onnx.GraphProto) -> bool:
-    return any(True for node in graph.node for _ in _subgraphs(node))
 
 
 def _restore_subgraphs(before: onnx.GraphProto, after: onnx.GraphProto) -> bool:
     """Put the original subgraphs back on ``after``'s nodes (folding does not enter them and
     graphsurgeon's export renames their tensors); True when every tensor they read from the
     outer scope is still defined in ``after``."""
-    original = {n.name: n for n in before.node if n.name and any(True for _ in _subgraphs(n))}
+    original = {n.name: n for n in before.node if n.name and any(True for _ in subgraphs(n))}
     defined = {i.name for i in after.input} | {t.name for t in after.initializer}
     defined |= {o for n in after.node for o in n.output}
     for node in after.node:
-        if not any(True for _ in _subgraphs(node)):
+        if not any(True for _ in subgraphs(node)):
             continue
         src = original.get(node.name)
         if src is None:
@@ -380,7 +368,7 @@ def _fold_constants(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     logger = gs.logger.G_LOGGER
     old_severity = logger.severity
     logger.severity = logger.ERROR
-    nested = _has_subgraphs(model.graph)
+    nested = has_subgraphs(model.graph)
     try:
         source = onnx.ModelProto()
         source.CopyFrom(model)  # graphsurgeon's import renames subgraph tensors in place

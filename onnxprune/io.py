@@ -282,16 +282,10 @@ _GRAPH_INITIALIZER_TAG = bytes([(5 << 3) | 2])  # GraphProto.initializer
 
 def _without(msg, skip: str):
     """A copy of protobuf message ``msg`` without field ``skip`` (other fields copied)."""
+    from onnxprune.skeleton import copy_fields
+
     out = type(msg)()
-    for fd, value in msg.ListFields():
-        if fd.name == skip:
-            continue
-        if fd.is_repeated:
-            getattr(out, fd.name).extend(value)
-        elif fd.type == fd.TYPE_MESSAGE:
-            getattr(out, fd.name).CopyFrom(value)
-        else:
-            setattr(out, fd.name, value)
+    copy_fields(out, msg, skip)
     return out
 
 
@@ -338,10 +332,11 @@ class _Encoding:
             fh.write(t.raw_data)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically: a temp file in the same folder,
-    fsync, then :func:`os.replace` (inside :func:`onnxprune.safety.staged_outputs`: at the end
-    of the block, with the run's other outputs). Nothing is left behind on failure.
+def write_atomic(path: str | os.PathLike, writer) -> Path:
+    """Write ``path`` atomically: ``writer(tmp)`` fills a temp file in the same folder
+    (created with the umask's permissions, not mkstemp's 0600), then :func:`os.replace`
+    (inside :func:`onnxprune.safety.staged_outputs`: at the end of the block, with the run's
+    other outputs). Nothing is left behind on failure.
 
     Raises:
         OutputPathError: the folder does not exist or the file cannot be written.
@@ -356,10 +351,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 is for secrets, not reports
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        os.close(fd)
+        writer(tmp)
         tx = active_transaction()
         if tx is not None:  # moved into place when the whole run succeeded
             tx.stage(Path(tmp), path)
@@ -374,6 +367,21 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
             raise OutputPathError(f"{path}: cannot write ({exc.strerror or first_line(exc)})") from exc
         raise
     return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically and fsynced (:func:`write_atomic`).
+
+    Raises:
+        OutputPathError: the folder does not exist or the file cannot be written.
+    """
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return write_atomic(path, write)
 
 
 def check_side_output(path: str | os.PathLike, *, models: list[str | os.PathLike | None]) -> Path:

@@ -29,37 +29,16 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    """Write ``fig`` as PNG atomically: a temp file in the same folder, then a rename (inside
-    :func:`onnxprune.safety.staged_outputs`: with the run's other outputs, when it succeeded)."""
-    import tempfile
-
+    """Write ``fig`` as PNG atomically, staged with the run's other outputs
+    (:func:`onnxprune.io.write_atomic`)."""
     import matplotlib.pyplot as plt
 
-    from onnxprune.safety import active_transaction
+    from onnxprune.io import write_atomic
 
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=folder)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # a picture, not a secret: mkstemp's 0600 would hide it
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        tx = active_transaction()
-        if tx is not None:
-            tx.stage(Path(tmp), path)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+        return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     finally:
         plt.close(fig)
-    return path
 
 
 def plot_tradeoff(report: Mapping[str, Any], path: str | os.PathLike) -> Path:

@@ -47,7 +47,7 @@ def _liftable(t: TensorProto, min_elements: int) -> bool:
     return n > min_elements
 
 
-def _copy_fields(dst, src, skip: str) -> None:
+def copy_fields(dst, src, skip: str) -> None:
     """Copy every set field of protobuf message ``src`` into ``dst`` except field ``skip``."""
     for fd, value in src.ListFields():
         if fd.name == skip:
@@ -73,9 +73,9 @@ def skeleton(model: onnx.ModelProto, min_elements: int = LIFT_MIN_ELEMENTS) -> t
         initializer's element type and dims, appended after the model's own inputs).
     """
     out = onnx.ModelProto()
-    _copy_fields(out, model, skip="graph")
+    copy_fields(out, model, skip="graph")
     g, sg = model.graph, out.graph
-    _copy_fields(sg, g, skip="initializer")
+    copy_fields(sg, g, skip="initializer")
     declared = {i.name for i in g.input}
     lifted: list[str] = []
     for t in g.initializer:
