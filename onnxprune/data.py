@@ -55,14 +55,35 @@ class CalibrationData:
         for i in range(0, len(self), batch_size):
             yield self.x[i:i + batch_size], None if self.y is None else self.y[i:i + batch_size]
 
+    def take(self, indices: np.ndarray | Sequence[int]) -> "CalibrationData":
+        """The samples at ``indices`` (int [K], in that order), labels alike.
+
+        Raises:
+            DataError: an index outside [0, N).
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise DataError(f"{self.source}: sample index out of range [0, {len(self)})")
+        return CalibrationData(self.x[idx], None if self.y is None else self.y[idx], self.source)
+
+    def shard(self, rank: int, world: int) -> "CalibrationData":
+        """Rank ``rank``'s share of ``world`` (samples ``rank, rank + world, ...``): the
+        split a data-parallel stage gives each process; world 1 returns self."""
+        if world <= 1:
+            return self
+        return self.take(np.arange(rank, len(self), world))
+
+    def without_labels(self) -> "CalibrationData":
+        """The same inputs with ``y`` dropped."""
+        return self if self.y is None else CalibrationData(self.x, None, self.source)
+
     def subset(self, samples: int | None, seed: int = 0) -> "CalibrationData":
         """At most ``samples`` samples, drawn without replacement with ``seed`` (all when None)."""
         if samples is None or samples >= len(self):
             return self
         if samples < 1:
             raise DataError(f"--samples must be >= 1, got {samples}")
-        idx = np.sort(np.random.default_rng(seed).choice(len(self), samples, replace=False))
-        return CalibrationData(self.x[idx], None if self.y is None else self.y[idx], self.source)
+        return self.take(np.sort(np.random.default_rng(seed).choice(len(self), samples, replace=False)))
 
     def check(self, input_shape: Sequence[int | None] | None, num_classes: int | None = None) -> "CalibrationData":
         """Check against the model's input shape (None = any dim; None for the whole shape

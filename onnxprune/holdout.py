@@ -101,10 +101,7 @@ def split_holdout(data: CalibrationData, fraction: float, seed: int = 0,
     mask[val_idx] = False
     train_idx = np.flatnonzero(mask).astype(np.int64)
 
-    def part(idx):
-        return CalibrationData(data.x[idx], None if data.y is None else data.y[idx], data.source)
-
-    return Split(part(train_idx), part(val_idx), train_idx, val_idx,
+    return Split(data.take(train_idx), data.take(val_idx), train_idx, val_idx,
                  f"{len(val_idx)} of {n} samples of {data.source} held out (seed {seed})")
 
 

@@ -286,8 +286,7 @@ class InfCP:
 
         members, steps_done = [], []
         for k, idx in enumerate(shards):
-            shard = CalibrationData(data.x[idx], None if (data.y is None or not use_labels) else data.y[idx],
-                                    data.source)
+            shard = data.take(idx) if use_labels else data.take(idx).without_labels()
             gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + k)
             rng = np.random.default_rng([seed, k])
             member = copy.deepcopy(teacher)
@@ -331,7 +330,7 @@ class InfCP:
         done = 0
         while done < steps:
             order = rng.permutation(len(shard))
-            shuffled = CalibrationData(shard.x[order], None if shard.y is None else shard.y[order], shard.source)
+            shuffled = shard.take(order)
             for b in calibration_batches(shuffled, batch_size, device, teacher, fixed=fixed):
                 if done == steps:
                     break
