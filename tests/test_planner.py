@@ -142,6 +142,29 @@ def test_round_to_four(name, t):
         assert a.group("se_reduce").id not in plan.removed
 
 
+@pytest.mark.parametrize("name", ["chain", "residual", "lenet", "grouped", "mnist_cnn"])
+@pytest.mark.parametrize("t", [0.5, 0.3])
+@pytest.mark.parametrize("round_to", [4, 8])
+def test_rounding_gives_back_whole_steps_while_the_target_holds(name, t, round_to):
+    """Rounding down must not overshoot: the plan meets the MACs target, and putting back one
+    more rounding step of any pruned group would break it (the plan is maximal)."""
+    opts = PlanOptions(round_to=round_to)
+    a, plan = plan_of(name, Target(TargetKind.MACS, t), opts)
+    if plan.reachable is not None:
+        pytest.skip("target out of reach at this round_to")
+    macs0 = a.count("macs")
+    assert plan.macs_after <= t * macs0 + 1e-9
+    for gid, chosen in plan.removed.items():
+        g = a.groups[gid]
+        step = math.lcm(g.blocks, round_to)
+        if len(chosen) < step:
+            continue
+        rem = {k: np.asarray(v) for k, v in plan.removed.items()}
+        rem[gid] = np.asarray(chosen)[: len(chosen) - step]
+        if g.blocks == 1:  # any step-sized give-back is a valid plan; grouped ones need per-block counts
+            assert a.count("macs", a.removed_elements(rem)) > t * macs0, (g.name, len(chosen))
+
+
 def test_round_to_equal_to_group_size_leaves_group_whole():
     a, plan = plan_of("chain", Target(TargetKind.MACS, 0.3), PlanOptions(round_to=8), crit="random")
     assert a.group("conv1").id not in plan.removed  # 8 channels: only 8 is a multiple of 8
