@@ -263,7 +263,9 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
         warnings=tuple(warnings), fidelity={**result.to_dict(), "inputs": "random inputs" if split is None or _data_feeds(prep, split.val) is None
                                                else "held-out samples"},
         criterion_info=next((dict(r.criterion_info) for r in reversed(records) if r.criterion_info), {}),
-        round_to=None if sweep is None else {"chosen": sweep.round_to, **sweep.info},
+        round_to=None if sweep is None else {**sweep.info, "sweep_choice": sweep.round_to,
+                                             "chosen": sweep.round_to if run.probe is None else run.probe.chosen,
+                                             "probe": None if run.probe is None else run.probe.to_json()},
         latency_target=None if last_search is None else last_search.to_dict(), recovery=recovery,
         schedule=[r.to_dict() for r in records], held_out=held)
     return CompressResult(pruned, final_plan, a, result, report)

@@ -25,8 +25,8 @@ from onnxprune.holdout import HeldOutMetric, Split, split_holdout
 from onnxprune.planning import PlanOptions, Target, TargetKind
 from onnxprune.runtime.latency import measure_latency
 from onnxprune.runtime.latency_search import search_latency
-from onnxprune.schedule import (Milestone, State, StepRecord, StepSetup, auto_steps, guard_milestones, initial_state,
-                                milestones, run_step)
+from onnxprune.schedule import (PROBE_ROUND_TO, Milestone, State, StepRecord, StepSetup, auto_steps, guard_milestones,
+                                initial_state, milestones, probe_round_to, run_step)
 
 if TYPE_CHECKING:
     from onnxprune.pipeline import CompressOptions, Prepared
@@ -72,6 +72,7 @@ class ProgressiveRun:
         self.rec_data = None if train is None else train.subset(options.train_samples, options.seed)
         self.original_ms: float | None = None
         self.last_search = None
+        self.probe = None  # the whole-cut round_to probe, when the run made one
         self.measure = None
         latency_target = options.target is not None and options.target.kind is TargetKind.LATENCY
         if options.bench or latency_target:
@@ -136,6 +137,19 @@ class ProgressiveRun:
             plan_ms = milestones(o.target, n)
         setup = dataclasses.replace(setup, final_kept=None if o.target is None else plan_ms[-1].kept,
                                     gradual=o.target is None or len(plan_ms) > 1)
+        if (not setup.round_to_fixed and self.original_ms is not None and o.target is not None
+                and o.target.kind is not TargetKind.LATENCY):
+            from onnxprune.criteria import get_criterion
+            from onnxprune.pipeline import weights_of
+
+            with timed(self.times, "round_to_probe"):
+                l1 = get_criterion("l1")
+                self.probe = probe_round_to(prep.model, prep.analysis, o.target, plan_opts,
+                                            l1.score(prep.analysis, weights_of(prep.model)), self.measure,
+                                            self.original_ms, tuple(sorted({*PROBE_ROUND_TO, int(plan_opts.round_to)})),
+                                            normalize=l1.normalize)
+            plan_opts = dataclasses.replace(plan_opts, round_to=self.probe.chosen)
+            setup = dataclasses.replace(setup, plan=plan_opts)
         state = initial_state(prep.model, prep.analysis, self.original_ms)
         guard = self.metric is not None and o.max_drop is not None
         records: list[StepRecord] = []

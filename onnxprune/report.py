@@ -13,7 +13,8 @@ from models itself. ``to_dict()`` gives the JSON schema::
      "groups": [{"name", "op", "kept", "total", "blocked_reason"}],
      "stage_seconds": {stage: seconds}, "reachable": str | null,
      "warnings": [str], "fidelity": {...} | null,
-     "round_to": {"chosen", "gains", "shapes", "tables", ...} | null   (--round-to auto),
+     "round_to": {"chosen", "sweep_choice", "probe": {"chosen", "ms", "macs_kept", "original_ms"} | null,
+                  "gains", "shapes", "tables", ...} | null   (--round-to auto),
      "latency_target": {"target", "measured_fraction", "reached", "measurements",
                         "rounds", ...} | null                           (--target-latency),
      "recovery": {...} | null  (the returned step's recovery),
@@ -242,8 +243,15 @@ class CompressReport:
         if len(self.schedule) > 1 or (self.schedule and self.held_out):
             console.print(self._schedule_table())
         if self.round_to is not None:
-            console.print(f"round_to {self.round_to.get('chosen')} chosen by channel sweep on "
-                          f"{escape(str(self.round_to.get('provider')))}", highlight=False)
+            probe = self.round_to.get("probe")
+            if probe:
+                cuts = ", ".join(f"{n}: {ms:.3f} ms" for n, ms in probe["ms"].items())
+                console.print(f"round_to {self.round_to.get('chosen')} chosen by measuring the target's cut on "
+                              f"{escape(str(self.round_to.get('provider')))} ({cuts}; original "
+                              f"{probe['original_ms']:.3f} ms)", highlight=False)
+            else:
+                console.print(f"round_to {self.round_to.get('chosen')} chosen by channel sweep on "
+                              f"{escape(str(self.round_to.get('provider')))}", highlight=False)
         if self.latency_target is not None:
             lt = self.latency_target
             console.print(f"latency target {lt['target']:g}: measured {lt['measured_fraction']:.3f} of the original, "

@@ -17,7 +17,10 @@ schedules; the IFSO authors prune during training). Rules the schedule follows:
    bias compensation and BN re-calibration against the previous model, then
    distillation from the *original* model with early stopping on the held-out figure
    (the input of fine-tuning counts too, so recovery never makes a step worse).
-3. **Never slower**: a step's cut is measured (onnxruntime, the provider of the run)
+3. **Never slower**: with ``round_to`` left to the tool, :func:`probe_round_to` first plans
+   the final target on the original once per round_to of 1, 2, 4, 8, 16, measures each
+   cut, and every step uses the smallest round_to whose cut is within 5 % of the fastest.
+   Then a step's cut is measured (onnxruntime, the provider of the run)
    before recovery; when it is the final cut (the last milestone, or a cut that already
    reaches it; every cut of a run driven by the accuracy guard alone) and is not faster
    than the original, and ``round_to`` was not fixed by the user, it is re-planned with
@@ -48,8 +51,8 @@ from onnxprune.analysis import Analysis, analyze
 from onnxprune.planning import PlanOptions, PruningPlan, Target, TargetKind, make_plan
 from onnxprune.shapes import measure_shapes
 
-__all__ = ["Milestone", "State", "StepRecord", "StepSetup", "auto_steps", "compose_kept", "guard_milestones",
-           "initial_state", "milestones", "plan_of_original", "run_step"]
+__all__ = ["Milestone", "RoundToProbe", "State", "StepRecord", "StepSetup", "auto_steps", "compose_kept", "guard_milestones",
+           "initial_state", "milestones", "plan_of_original", "probe_round_to", "run_step"]
 
 #: share of what is left that one auto step removes at most
 AUTO_STEP_SHARE = 0.15
@@ -62,6 +65,86 @@ GUARD_FLOOR = 0.05
 STEP_LAYER_CAP = 0.5
 #: round_to values tried, coarser and coarser, when a cut is not faster than the original
 COARSER = (2, 4, 8, 16, 32)
+
+
+#: round_to values the whole-cut probe measures (with the sweep's choice)
+PROBE_ROUND_TO = (1, 2, 4, 8, 16)
+#: a probed round_to within this share of the fastest cut counts as fast (the smallest such wins)
+PROBE_TOLERANCE = 0.05
+
+
+@dataclass(frozen=True)
+class RoundToProbe:
+    """What :func:`probe_round_to` measured.
+
+    Attributes:
+        chosen: the round_to the schedule uses.
+        ms: round_to -> median latency (ms) of the target's cut planned with it.
+        macs: round_to -> MACs kept (fraction of the original) by that cut.
+        original_ms: the original model's median latency (ms).
+    """
+
+    chosen: int
+    ms: dict[int, float]
+    macs: dict[int, float]
+    original_ms: float
+
+    def to_json(self) -> dict:
+        return {"chosen": self.chosen, "ms": {str(k): v for k, v in self.ms.items()},
+                "macs_kept": {str(k): v for k, v in self.macs.items()}, "original_ms": self.original_ms}
+
+
+def probe_round_to(model: onnx.ModelProto, analysis: Analysis, target: Target, plan: PlanOptions,
+                   scores: Mapping[int, np.ndarray], measure: Callable[[onnx.ModelProto], float],
+                   original_ms: float, candidates: tuple[int, ...] = PROBE_ROUND_TO, *,
+                   normalize: bool = True) -> RoundToProbe:
+    """Pick ``round_to`` by measuring the whole final cut (rule 3's first half).
+
+    The per-chain sweep (:mod:`onnxprune.runtime.sweep`) times conv chains in isolation;
+    on small networks its differences drown in noise, and the cut it suggests can run
+    slower than the original (onnxruntime's CPU convolutions are blocked by 8 or 16
+    channels). Here ``target`` is planned on ``model`` once per candidate (with
+    ``scores``, usually the data-free l1 scores: the latency depends on the kept counts,
+    not on which channels), each cut is applied and measured, and the smallest candidate
+    whose cut is within :data:`PROBE_TOLERANCE` of the fastest is chosen (smaller steps
+    keep the plan closer to the criterion's choice). Candidates no group can take
+    (round_to above every group's size) are skipped.
+
+    Args:
+        model, analysis: the canonical original and its analysis.
+        target: the run's final MACs / params / ratio target (not latency).
+        plan: planner options (round_to is replaced per candidate).
+        scores: group id -> float scores [size].
+        measure: model -> median latency in ms (onnxruntime, the run's provider).
+        original_ms: the original's median latency in ms.
+        candidates: round_to values to try.
+
+    Returns:
+        :class:`RoundToProbe`.
+
+    Raises:
+        OnnxPruneError subclasses: from planning, surgery or measurement.
+    """
+    from onnxprune.surgery import apply_plan
+
+    largest = max((g.size for g in analysis.groups if g.prunable), default=1)
+    ms: dict[int, float] = {}
+    macs: dict[int, float] = {}
+    macs0 = max(analysis.count("macs"), 1)
+    for n in sorted(set(int(c) for c in candidates)):
+        if n > 1 and n >= largest:
+            continue
+        p = make_plan(analysis, scores, target, replace(plan, round_to=n), normalize=normalize)
+        if not p.removed:
+            continue
+        pruned = apply_plan(model, analysis, {g: np.asarray(v) for g, v in p.removed.items()})
+        ms[n] = float(measure(pruned))
+        macs[n] = p.macs_after / macs0
+    if not ms:
+        return RoundToProbe(int(plan.round_to), ms, macs, original_ms)
+    fastest = min(ms.values())
+    chosen = min(n for n, t in ms.items() if t <= fastest * (1 + PROBE_TOLERANCE))
+    return RoundToProbe(chosen, ms, macs, original_ms)
 
 
 def auto_steps(target: Target | None, *, recovering: bool) -> int:

@@ -193,3 +193,20 @@ def test_not_faster_warning_names_the_provider(monkeypatch, models):
     assert d["latency_ms"]["speedup"] == 1.0
     assert d["latency_ms"]["realized_over_ideal"] == pytest.approx(1.0 / d["latency_ms"]["ideal_speedup"])
     assert "not faster" in r.output
+
+
+def test_compress_default_round_to_is_chosen_by_measuring_whole_cuts(models):
+    out, report = models / "out.onnx", models / "report.json"
+    r = run("compress", models / "fixed.onnx", "-o", out, "--target-macs", "0.5", "--bench-repeat", "3",
+            "--threads", "1", "--report", report)
+    assert r.exit_code == 0, r.output
+    d = json.loads(report.read_text())
+    probe = d["round_to"]["probe"]
+    assert probe is not None and probe["ms"] and all(v > 0 for v in probe["ms"].values())
+    assert all(v <= 0.5 + 1e-9 for v in probe["macs_kept"].values())
+    fastest = min(probe["ms"].values())
+    # the smallest round_to whose cut is within 5 % of the fastest
+    assert probe["chosen"] == min(int(n) for n, v in probe["ms"].items() if v <= fastest * 1.05)
+    assert d["round_to"]["chosen"] == probe["chosen"]
+    assert d["schedule"][0]["round_to"] >= probe["chosen"]
+    assert "chosen by measuring the target's cut" in r.output

@@ -118,6 +118,38 @@ def test_a_cut_that_is_not_faster_is_replanned_coarser():
     assert rt == 1 and len(seen) == 1  # the user's round_to is kept
 
 
+def _conv_out_channels(m: onnx.ModelProto) -> list[int]:
+    return [onnx.numpy_helper.to_array(i).shape[0] for i in m.graph.initializer
+            if i.name.endswith(".weight") and len(i.dims) == 4]
+
+
+@pytest.mark.parametrize("fast_multiple,expected", [(4, 4), (2, 2), (None, 1)])
+def test_round_to_probe_measures_whole_cuts_and_takes_the_smallest_fast_one(fast_multiple, expected):
+    """A fake runtime fast only when every conv keeps a multiple of ``fast_multiple``
+    channels (flat when None): the probe must pick that multiple (1 when all are alike)."""
+    from onnxprune.schedule import probe_round_to
+
+    model = build_residual(seed=0)
+    setup = _setup("residual", model)
+    a = setup.original_analysis
+    seen = []
+
+    def fake_ms(m: onnx.ModelProto) -> float:
+        counts = _conv_out_channels(m)
+        seen.append(counts)
+        if fast_multiple is None:
+            return 0.8
+        return 0.5 if all(c % fast_multiple == 0 for c in counts) else 1.2
+
+    l1 = get_criterion("l1")
+    probe = probe_round_to(model, a, Target(TargetKind.MACS, 0.6), PlanOptions(),
+                           l1.score(a, weights_of(model)), fake_ms, 1.0, (1, 2, 4))
+    assert probe.chosen == expected
+    assert sorted(probe.ms) == [1, 2, 4] and len(seen) == 3  # one measured cut per candidate
+    assert all(v <= 0.6 + 1e-9 for v in probe.macs.values())  # every probed cut meets the target
+    assert probe.to_json()["chosen"] == expected
+
+
 # ---- the whole pipeline ----------------------------------------------------------------
 def _lenet_file(tmp_path):
     path = tmp_path / "lenet.onnx"
