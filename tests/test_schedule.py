@@ -9,9 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-import onnxprune.pipeline as pipeline_mod
 from onnxprune.criteria import get_criterion
-from onnxprune.data import CalibrationData
 from onnxprune.evaluate import evaluate
 from onnxprune.holdout import split_holdout
 from onnxprune.pipeline import CompressOptions, compress, prepare, weights_of
