@@ -172,6 +172,43 @@ class HeldOutMetric:
         """Points lost against the original (negative when better)."""
         return self.original_value - value
 
+    @property
+    def sample_points(self) -> float | None:
+        """Points one sample is worth (100 / N) for accuracy / agreement; None for fidelity."""
+        return None if self.kind is MetricKind.FIDELITY else 100.0 / max(len(self.val), 1)
+
+    @property
+    def interval(self) -> float | None:
+        """Half-width (points) of the 95 % Wilson score interval of the original's figure
+        on N held-out samples (accuracy / agreement; None for fidelity, a mean of errors).
+
+        Source: E. B. Wilson, "Probable inference, the law of succession, and statistical
+        inference", JASA 1927. With p the original's figure, the interval is
+        ``z / (1 + z^2/N) * sqrt(p (1 - p) / N + z^2 / (4 N^2))``, z = 1.96; it stays
+        above zero at p = 100 %, where the normal approximation would say 0.
+        """
+        if self.kind is MetricKind.FIDELITY:
+            return None
+        n, z = max(len(self.val), 1), 1.96
+        p = min(max(self.original_value / 100.0, 0.0), 1.0)
+        return 100.0 * z / (1 + z * z / n) * float(np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)))
+
+    def resolution_warning(self, max_drop: float | None) -> str | None:
+        """A warning when the held-out set is too small to mean much: one sample is worth
+        more than ``max_drop`` points, or (without a bound) the 95 % interval is wider than
+        5 points. None otherwise."""
+        if self.interval is None:
+            return None
+        n, one, ci = len(self.val), self.sample_points, self.interval
+        if max_drop is not None and (one > max_drop or ci > 2 * max(max_drop, 1e-9)):
+            return (f"the held-out set has {n} samples: one sample is {one:.2g} points and the 95 % interval of "
+                    f"the {self.kind.value} is +-{ci:.1f} points, too coarse for --max-drop {max_drop:g}; hold "
+                    "out more samples (--val-split, --val-data) for a bound that means something")
+        if max_drop is None and ci > 5.0:
+            return (f"the held-out set has {n} samples: its {self.kind.value} is known to +-{ci:.1f} points "
+                    "(95 % interval); hold out more samples (--val-split, --val-data) for a sharper figure")
+        return None
+
     def to_dict(self) -> dict:
         return {"kind": self.kind.value, "label": self.label, "samples": len(self.val),
-                "original": self.original_value}
+                "original": self.original_value, "interval95": self.interval}

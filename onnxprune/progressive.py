@@ -180,6 +180,10 @@ class ProgressiveRun:
             if rec.reachable is not None:
                 complete = False
                 break
+        if self.metric is not None:
+            coarse = self.metric.resolution_warning(o.max_drop)
+            if coarse:
+                warnings.append(coarse)
         if guard and not any(r.accepted and r.macs < prep.analysis.count("macs") for r in records):
             warnings.append("accuracy guard: no cut held the bound; the written model is the unpruned original")
         return state, records, warnings, self.last_search, complete

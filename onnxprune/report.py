@@ -21,7 +21,7 @@ from models itself. ``to_dict()`` gives the JSON schema::
      "schedule": [{"step", "milestone": {"kind", "kept"}, "macs", "params", "macs_fraction",
                    "params_fraction", "latency_ms", "held_out", "held_out_before_recovery",
                    "round_to", "reachable", "accepted", "seconds", "recovery", "notes"}],
-     "held_out": {"kind": "accuracy"|"agreement"|"fidelity", "label", "samples", "source",
+     "held_out": {"kind": "accuracy"|"agreement"|"fidelity", "label", "samples", "interval95", "source",
                   "original", "final", "drop", "max_drop",
                   "train": {"samples", "original", "final"} | null} | null}
 
@@ -425,8 +425,10 @@ def _held_out_lines(h: Mapping[str, Any] | None) -> list[str]:
     """The headline: the held-out figure of the original and the written model."""
     if not h:
         return ["[yellow]no data given: accuracy was not measured (give --data with samples of your domain)[/yellow]"]
+    ci = h.get("interval95")
     line = (f"[bold]{escape(h['label'])}[/bold]: original {h['original']:.2f}%, pruned {h['final']:.2f}% "
-            f"(drop {h['drop']:.2f} points" + (f", bound {h['max_drop']:g})" if h.get("max_drop") is not None else ")"))
+            f"(drop {h['drop']:.2f} points" + (f", bound {h['max_drop']:g}" if h.get("max_drop") is not None else "")
+            + (f"; 95% interval +-{ci:.1f} points)" if ci is not None else ")"))
     out = [line]
     tr = h.get("train")
     if tr:

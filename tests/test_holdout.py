@@ -91,13 +91,36 @@ def test_agreement_without_labels():
     assert m.drop(m.measure(other)) == pytest.approx(100.0 - expected)
 
 
+def _wilson_bounds(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval's bounds (Wilson 1927), as textbooks write them."""
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+@pytest.mark.parametrize("n", [8, 40, 400])
+def test_interval_is_the_wilson_interval_and_small_sets_are_flagged(n):
+    model = build_const_channel(seed=0)
+    x = np.random.default_rng(1).standard_normal((n, 3, 8, 8)).astype(np.float32)
+    m = HeldOutMetric(model, CalibrationData(x, None))  # agreement: the original scores 100
+    lo, hi = _wilson_bounds(1.0, n)
+    assert m.interval == pytest.approx(100 * (hi - lo) / 2)
+    assert m.interval > 0 and m.sample_points == pytest.approx(100 / n)
+    w = m.resolution_warning(1.0)  # one sample is > 1 point below 100 samples
+    assert (w is not None) == (n < 100 or m.interval > 2.0)
+    if w:
+        assert f"{n} samples" in w and "--max-drop 1" in w and "--val-data" in w
+    assert (m.resolution_warning(None) is not None) == (m.interval > 5.0)
+    assert m.to_dict()["interval95"] == m.interval
+
+
 def test_fidelity_for_non_classifiers():
     model = build_chain(seed=0)  # y[1, 4, 16, 16]: not a classifier
     other = build_chain(seed=1)
     x = np.random.default_rng(2).standard_normal((3, 3, 16, 16)).astype(np.float32)
     data = CalibrationData(x, None)
     m = HeldOutMetric(model, data, batch_size=1)
-    assert m.kind is MetricKind.FIDELITY
+    assert m.kind is MetricKind.FIDELITY and m.interval is None and m.resolution_warning(1.0) is None
     assert m.measure(model) == pytest.approx(100.0)
     ref = np.concatenate([_ort_logits(model, x[i:i + 1]) for i in range(3)])
     out = np.concatenate([_ort_logits(other, x[i:i + 1]) for i in range(3)])
