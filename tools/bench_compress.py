@@ -5,7 +5,8 @@ CPU latency before/after (median of repeated runs after warm-up, batch 1), at on
 target. Prints a markdown table (for the README and issue notes) and writes JSON.
 
     python tools/fetch_assets.py
-    python tools/bench_compress.py --target-macs 0.5 --criterion l1 --json bench.json
+    python tools/bench_compress.py --target-macs 0.5 --criterion l1 --json bench.json   # --round-to auto
+    python tools/bench_compress.py --round-to 1                                          # plain cut
 
 With ``--speed`` it prints the graph-side speed table of issue 12 instead
 (:mod:`compress_speed`: compress wall against the floor of the same model, measured in
@@ -41,7 +42,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target-macs", type=float, default=0.5)
     ap.add_argument("--criterion", default="l1")
-    ap.add_argument("--round-to", type=int, default=1)
+    ap.add_argument("--round-to", default="auto",
+                    help="an integer, or auto (the CLI default: measured round_to and the never-slower rule)")
     ap.add_argument("--repeat", type=int, default=30, help="timed onnxruntime runs per model")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--models", nargs="*", default=MODELS)
@@ -59,9 +61,11 @@ def main() -> int:
             if path is None:
                 print(f"skip {name}: not fetched ({assets.FETCH_HINT})", file=sys.stderr)
                 continue
+            auto = args.round_to == "auto"
             opts = CompressOptions(criterion=args.criterion, target=Target(TargetKind.MACS, args.target_macs),
-                                   plan=PlanOptions(round_to=args.round_to), input_shapes=INPUT_SHAPES.get(name),
-                                   bench_repeat=args.repeat, threads=args.threads)
+                                   plan=PlanOptions(round_to="auto" if auto else int(args.round_to)),
+                                   input_shapes=INPUT_SHAPES.get(name), bench_repeat=args.repeat,
+                                   threads=args.threads, never_slower=auto)
             t0 = time.perf_counter()
             res = compress(path, Path(tmp) / f"{name}.onnx", opts)
             wall = time.perf_counter() - t0
@@ -71,7 +75,8 @@ def main() -> int:
                    "params_after": r.params_after, "latency_before_ms": round(r.latency_before.median_ms, 3),
                    "latency_after_ms": round(r.latency_after.median_ms, 3),
                    "speedup": round(r.measured_speedup, 3), "ideal_speedup": round(r.ideal_speedup, 3),
-                   "reachable": r.reachable, "stage_seconds": {k: round(v, 2) for k, v in r.stage_seconds.items()}}
+                   "reachable": r.reachable, "round_to": (r.round_to or {}).get("chosen", args.round_to),
+                   "stage_seconds": {k: round(v, 2) for k, v in r.stage_seconds.items()}}
             rows.append(row)
             print(f"{name}: {row['macs_ratio']} MACs, {row['speedup']}x / {row['ideal_speedup']}x ideal, "
                   f"{row['wall_s']} s", file=sys.stderr, flush=True)
@@ -79,13 +84,14 @@ def main() -> int:
     print(f"\ncriterion {args.criterion}, --target-macs {args.target_macs}, round_to {args.round_to}, "
           f"onnxruntime CPU, batch 1, median of {args.repeat} runs\n")
     print("| model | compress wall (s) | MACs before → after | params before → after | latency before → after (ms) "
-          "| speedup (ideal) |")
-    print("|---|---|---|---|---|---|")
+          "| speedup (ideal) | round_to |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         reach = f" (reachable {r['reachable']})" if r["reachable"] else ""
         print(f"| {r['model']} | {r['wall_s']} | {r['macs_before'] / 1e6:.1f}M → {r['macs_after'] / 1e6:.1f}M{reach} "
               f"| {r['params_before'] / 1e6:.2f}M → {r['params_after'] / 1e6:.2f}M "
-              f"| {r['latency_before_ms']:.2f} → {r['latency_after_ms']:.2f} | {r['speedup']:.2f}x ({r['ideal_speedup']:.2f}x) |")
+              f"| {r['latency_before_ms']:.2f} → {r['latency_after_ms']:.2f} | {r['speedup']:.2f}x ({r['ideal_speedup']:.2f}x) "
+              f"| {r['round_to']} |")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "json"},
                                          "rows": rows}, indent=1))
