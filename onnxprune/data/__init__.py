@@ -13,12 +13,12 @@ Memory does not grow with the number of samples of a lazy source beyond its file
 (or offsets) and labels.
 """
 
-from onnxprune.data.calibration import CalibrationData, from_arrays
+from onnxprune.data.calibration import CalibrationData, data_warnings, from_arrays
 from onnxprune.data.images import IMAGE_SUFFIXES, LIST_SUFFIXES, Preprocess
 from onnxprune.data.lazy import BadSample, LazyArray, Source
 from onnxprune.data.loader import BadSamples, BatchRequest, Fetched, batch_seed, default_workers, fetch_batches
 from onnxprune.data.loading import load_calibration
 
-__all__ = ["BadSample", "BadSamples", "BatchRequest", "CalibrationData", "Fetched", "IMAGE_SUFFIXES",
+__all__ = ["BadSample", "BadSamples", "BatchRequest", "CalibrationData", "Fetched", "data_warnings", "IMAGE_SUFFIXES",
            "LIST_SUFFIXES", "LazyArray", "Preprocess", "Source", "batch_seed", "default_workers",
            "fetch_batches", "from_arrays", "load_calibration"]

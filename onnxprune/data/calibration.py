@@ -31,7 +31,7 @@ from onnxprune.data.loader import BadSamples, BatchRequest, fetch_batches, resol
 from onnxprune.errors import DataError
 from onnxprune.safety import check_allocation, format_bytes
 
-__all__ = ["CalibrationData", "from_arrays"]
+__all__ = ["CalibrationData", "data_warnings", "from_arrays"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -185,6 +185,17 @@ class CalibrationData:
                 raise DataError(f"{self.source}: labels range over [{lo}, {hi}] but the model has "
                                 f"{num_classes} classes")
         return self
+
+
+def data_warnings(*datas: CalibrationData | None) -> list[str]:
+    """One line per source whose bad samples were skipped (None entries and repeats of a
+    source ignored): for the report's warnings."""
+    out: list[str] = []
+    for d in datas:
+        line = None if d is None else d.bad.summary()
+        if line and line not in out:
+            out.append(line)
+    return out
 
 
 def _fmt(shape: Sequence[int | None]) -> str:

@@ -138,7 +138,7 @@ def warn(message: str) -> None:
     from rich.console import Console
     from rich.text import Text
 
-    Console(stderr=True, highlight=False).print(Text(f"warning: {message}", style="yellow"))
+    Console(stderr=True, highlight=False).print(Text(f"warning: {message}", style="yellow"), soft_wrap=True)
 
 
 @dataclass(frozen=True)
