@@ -20,7 +20,7 @@ from onnxprune.runtime.latency import measure_latency
 from onnxprune.canonicalize import canonicalize, restore_storage_dtypes
 from onnxprune.criteria import get_criterion
 from onnxprune.data import CalibrationData, data_warnings
-from onnxprune.errors import ModelLoadError, OnnxPruneError, PlanError
+from onnxprune.errors import DataError, ModelLoadError, OnnxPruneError, PlanError
 from onnxprune.inputs import resolve_input_shapes
 from onnxprune.io import check_model_output, default_output_path, load_model, save_model
 from onnxprune.planning import ROUND_TO_AUTO, PlanOptions, PruningPlan, Target, TargetKind
@@ -301,7 +301,12 @@ def _data_feeds(prep: Prepared, data: CalibrationData | None) -> dict[str, np.nd
     if tuple(data.x.shape[1:]) != shape[1:]:
         return None
     dtype = onnx.helper.tensor_dtype_to_np_dtype(inputs[0].type.tensor_type.elem_type)
-    x = next(iter(data.batches(shape[0])))[0]  # the first samples that can be read
+    try:  # read only these; a bad sample among them is skipped (the rest repeated below)
+        x = next(iter(data.take(np.arange(min(shape[0], len(data)))).batches(shape[0])))[0]
+    except DataError:
+        if data.strict:
+            raise
+        return None  # every one of them bad: random inputs
     if len(x) < shape[0]:  # fewer samples than the batch: repeat them
         x = np.resize(x, shape)
     return {name: np.ascontiguousarray(x, dtype=dtype)}
