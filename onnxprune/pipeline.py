@@ -82,7 +82,8 @@ class CompressOptions:
         provider: onnxruntime execution provider of the latency measurements, the channel
             sweep (``plan.round_to == "auto"``) and latency targets.
         data: calibration data (required by data-driven criteria and recovery).
-        samples: scoring uses at most this many training samples (seeded draw); None = all.
+        samples: scoring uses at most this many training samples (seeded draw; ``--score-samples``);
+            None = all. For streamed data only these samples are read.
         train_samples: recovery uses at most this many training samples; None = all.
         val_split: share of ``data`` held out for validation (0 = none); made before
             anything else sees the data (:func:`onnxprune.holdout.split_holdout`).

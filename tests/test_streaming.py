@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 

@@ -29,6 +29,7 @@ from onnxprune.data.lazy import LazyArray
 from onnxprune.data.loader import warn
 from onnxprune.errors import DataError, OnnxPruneError, first_line
 from onnxprune.io import read_user_file
+from onnxprune.safety import check_allocation
 
 __all__ = ["load_calibration"]
 
@@ -70,7 +71,7 @@ def load_calibration(path: str | os.PathLike, *, image_size: tuple[int, int] | N
         shards = find_shards(str(path))
         if shards is not None and (not is_dir or not _has_images(p)):
             source, y = load_shards(shards, str(path))
-            return CalibrationData(LazyArray(source), y, str(path), **kw)
+            return _lazy(source, y, str(path), kw)
         if not is_dir:  # pragma: no cover - find_shards raises for a pattern without matches
             raise DataError(f"{path}: no such file or folder")
         if image_size is None:
@@ -86,7 +87,7 @@ def load_calibration(path: str | os.PathLike, *, image_size: tuple[int, int] | N
     if suffix == ".npy":
         if not p.exists():
             raise DataError(f"{p}: no such file")
-        return CalibrationData(LazyArray(npy_source(p)), None, str(p), **kw)
+        return _lazy(npy_source(p), None, str(p), kw)
     if suffix != ".npz":
         if not p.exists():
             raise DataError(f"{p}: no such file or folder")
@@ -105,13 +106,21 @@ def _has_images(folder: Path) -> bool:
 
 def _images(paths, y, label, image_size, mean, std, scale, channel_order, grayscale, kw) -> CalibrationData:
     try:
-        from PIL import Image  # noqa: F401
+        import PIL.Image  # noqa: F401
     except ImportError:  # pragma: no cover
         raise DataError("reading images needs Pillow: pip install pillow") from None
     if image_size is None:
         raise DataError(f"{label}: reading images needs --image-size H,W")
     pre = Preprocess(tuple(int(v) for v in image_size), tuple(mean), tuple(std), scale, channel_order, grayscale)
-    return CalibrationData(LazyArray(ImageFiles(paths, pre)), check_labels(y, len(paths), label), label, **kw)
+    return _lazy(ImageFiles(paths, pre), check_labels(y, len(paths), label), label, kw)
+
+
+def _lazy(source, y, label: str, kw: dict) -> CalibrationData:
+    """Streamed data over ``source``; one decoded sample must fit in the memory budget."""
+    shape = list(source.sample_shape)
+    # the decoded sample and a preprocessing temporary of its size
+    check_allocation(int(np.prod(shape, dtype=np.int64)) * 4 * 2, f"{label}: one sample of shape {shape} (float32)")
+    return CalibrationData(LazyArray(source), y, label, **kw)
 
 
 def _npz_in_memory(p: Path, kw: dict) -> CalibrationData:
