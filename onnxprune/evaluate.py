@@ -246,7 +246,9 @@ def evaluate(model: onnx.ModelProto | str | os.PathLike, data: CalibrationData, 
     correct = correct5 = ref_correct = 0
     classes = None
     labelled = data.y is not None
+    count = 0  # samples read (a lazy source's bad samples are skipped)
     for x, y in data.batches(int(batch_size)):
+        count += len(x)
         out = run.run(x)
         logits = out[first]
         is_cls = logits.ndim == 2 and logits.shape[0] == len(x)
@@ -269,7 +271,7 @@ def evaluate(model: onnx.ModelProto | str | os.PathLike, data: CalibrationData, 
             r0 = ref.get(first)
             if labelled and is_cls and r0 is not None:
                 ref_correct += int((r0.argmax(1) == y).sum())
-    n = len(data)
+    n = count
     accuracy = top5 = ref_acc = None
     if labelled:
         if classes is None:

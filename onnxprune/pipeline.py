@@ -19,8 +19,8 @@ from onnxprune.analysis import Analysis, analyze
 from onnxprune.runtime.latency import measure_latency
 from onnxprune.canonicalize import canonicalize, restore_storage_dtypes
 from onnxprune.criteria import get_criterion
-from onnxprune.data import CalibrationData
-from onnxprune.errors import ModelLoadError, OnnxPruneError, PlanError
+from onnxprune.data import CalibrationData, data_warnings
+from onnxprune.errors import DataError, ModelLoadError, OnnxPruneError, PlanError
 from onnxprune.inputs import resolve_input_shapes
 from onnxprune.io import check_model_output, default_output_path, load_model, save_model
 from onnxprune.planning import ROUND_TO_AUTO, PlanOptions, PruningPlan, Target, TargetKind
@@ -82,7 +82,8 @@ class CompressOptions:
         provider: onnxruntime execution provider of the latency measurements, the channel
             sweep (``plan.round_to == "auto"``) and latency targets.
         data: calibration data (required by data-driven criteria and recovery).
-        samples: scoring uses at most this many training samples (seeded draw); None = all.
+        samples: scoring uses at most this many training samples (seeded draw; ``--score-samples``);
+            None = all. For streamed data only these samples are read.
         train_samples: recovery uses at most this many training samples; None = all.
         val_split: share of ``data`` held out for validation (0 = none); made before
             anything else sees the data (:func:`onnxprune.holdout.split_holdout`).
@@ -234,7 +235,7 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
         result = _verify(prep, final_plan, pruned, recovered=any(r.recovery for r in records), seed=options.seed,
                          data=None if split is None else split.val)
         macs_after, params_after = state.macs, state.params
-    warnings = list(prep.warnings) + warnings
+    warnings = list(prep.warnings) + warnings + data_warnings(options.data, options.val_data)
     lat_before = lat_after = None
     if last_search is not None and len(records) == 1:  # the search measured the written model already
         lat_before, lat_after = last_search.before, last_search.after
@@ -303,7 +304,12 @@ def _data_feeds(prep: Prepared, data: CalibrationData | None) -> dict[str, np.nd
     if tuple(data.x.shape[1:]) != shape[1:]:
         return None
     dtype = onnx.helper.tensor_dtype_to_np_dtype(inputs[0].type.tensor_type.elem_type)
-    x = data.x[:shape[0]]
+    try:  # read only these; a bad sample among them is skipped (the rest repeated below)
+        x = next(iter(data.take(np.arange(min(shape[0], len(data)))).batches(shape[0])))[0]
+    except DataError:
+        if data.strict:
+            raise
+        return None  # every one of them bad: random inputs
     if len(x) < shape[0]:  # fewer samples than the batch: repeat them
         x = np.resize(x, shape)
     return {name: np.ascontiguousarray(x, dtype=dtype)}

@@ -78,9 +78,9 @@ def _int_or_auto(value: str, option: str, *, minimum: int) -> int | str:
 @click.option("--cpmc-a", type=float, default=0.5, show_default=True, help="cpmc: exponent of the MACs term.")
 @click.option("--cpmc-b", type=float, default=0.5, show_default=True, help="cpmc: exponent of the params term.")
 @click.option("--strict-target", is_flag=True, help="Fail when the target is out of reach.")
-@data_options
+@data_options(scoring=True)
 @click.option("--train-samples", type=int, default=None,
-              help="Recovery uses at most N training samples (default: all; --samples bounds scoring).")
+              help="Recovery uses at most N training samples (default: all; --score-samples bounds scoring).")
 @click.option("--val-split", type=float, default=0.1, show_default=True,
               help="Share of --data held out for validation, split before anything else (0: none).")
 @click.option("--val-data", "val_path", type=click.Path(), default=None,
@@ -106,7 +106,8 @@ def _int_or_auto(value: str, option: str, *, minimum: int) -> int | str:
 @user_errors
 def compress(model, output, criterion, ratio, target_macs, target_params, scope, round_to, max_layer_ratio,
              exclude, input_shape, report_path, plan_out, plot_path, no_bench, bench_repeat, threads, seed, cpmc_a,
-             cpmc_b, strict_target, data_path, image_size, mean, std, scale, channel_order, grayscale, samples,
+             cpmc_b, strict_target, data_path, image_size, mean, std, scale, channel_order, grayscale, workers,
+             strict_data, samples,
              train_samples, val_split, val_path, recover_flag, batch_size, device, loss, verbose, target_latency,
              provider, ensemble, recalibrate_bn, max_drop, steps, finetune_loss, patience, **finetune):
     """Prune MODEL and write a smaller ONNX model, with a report.
@@ -135,8 +136,9 @@ def compress(model, output, criterion, ratio, target_macs, target_params, scope,
         target = Target(*given[0])
     else:
         target = None if max_drop is not None else Target(TargetKind.MACS, 0.7)
-    data = load_data(data_path, image_size, mean, std, scale, channel_order, grayscale)
-    val_data = load_data(val_path, image_size, mean, std, scale, channel_order, grayscale)
+    read = dict(workers=workers, strict_data=strict_data)
+    data = load_data(data_path, image_size, mean, std, scale, channel_order, grayscale, **read)
+    val_data = load_data(val_path, image_size, mean, std, scale, channel_order, grayscale, **read)
     if val_data is not None and data is None:
         raise OnnxPruneError("--val-data needs --data (the training and scoring samples)")
     if criterion is None:

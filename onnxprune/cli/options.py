@@ -6,8 +6,9 @@ Kept apart from :mod:`onnxprune.cli` so that command modules (:mod:`onnxprune.cl
 - :func:`user_errors`: an OnnxPruneError becomes ``error: <message>`` on stderr, exit 2.
 - :data:`input_shape_option` / :func:`input_shapes`: ``--input-shape NAME:D0,D1,...``.
 
-- :func:`data_options`: ``--data`` and the image-folder preprocessing options
-  (``--image-size --mean --std --scale --channel-order --grayscale``) and ``--samples``;
+- :func:`data_options`: ``--data``, the image preprocessing options
+  (``--image-size --mean --std --scale --channel-order --grayscale``), the reading options
+  (``--workers --strict-data``) and ``--samples`` (``--score-samples`` for compress);
   :func:`load_data` turns their values into :class:`~onnxprune.data.CalibrationData`.
 - :func:`finetune_options`: the fine-tuning options, with a name prefix
   (``--epochs`` for ``finetune``, ``--finetune-epochs`` for ``compress``);
@@ -82,24 +83,59 @@ input_shape_option = click.option(
 
 _DATA_OPTIONS = (
     click.option("--data", "data_path", type=click.Path(), default=None,
-                 help="Calibration data: .npz (x [, y]), .npy, or a folder of images (sub-folders = classes)."),
-    click.option("--image-size", default=None, metavar="H,W", help="Image folders: resize to H,W."),
-    click.option("--mean", default="0", show_default=True, metavar="M[,M,M]", help="Image folders: per-channel mean."),
-    click.option("--std", default="1", show_default=True, metavar="S[,S,S]", help="Image folders: per-channel std."),
-    click.option("--scale", type=float, default=1 / 255, show_default=True, help="Image folders: pixel scale."),
+                 help="Calibration data: .npz (x [, y]; read into memory), .npy (memory-mapped), a folder of images "
+                      "(sub-folders = classes; recursive), a list file of image paths [+ labels] (.txt/.lst/.list), "
+                      "or a folder or glob of .npz/.npy shards. All but .npz are read lazily, batch by batch."),
+    click.option("--image-size", default=None, metavar="H,W", help="Images: resize to H,W."),
+    click.option("--mean", default="0", show_default=True, metavar="M[,M,M]", help="Images: per-channel mean."),
+    click.option("--std", default="1", show_default=True, metavar="S[,S,S]", help="Images: per-channel std."),
+    click.option("--scale", type=float, default=1 / 255, show_default=True, help="Images: pixel scale."),
     click.option("--channel-order", type=click.Choice(["RGB", "BGR"]), default="RGB", show_default=True),
-    click.option("--grayscale", is_flag=True, help="Image folders: one channel."),
-    click.option("--samples", type=int, default=None, help="Use at most N samples (seeded draw)."),
+    click.option("--grayscale", is_flag=True, help="Images: one channel."),
+    click.option("--workers", default="auto", show_default=True, metavar="N|auto",
+                 help="DataLoader worker processes that decode and preprocess --data (auto: 0 for .npz, else half "
+                      "the CPUs, 1 to 4)."),
+    click.option("--strict-data", is_flag=True,
+                 help="A bad sample (unreadable image, NaN row) is an error naming the file (default: skipped, "
+                      "counted and reported)."),
 )
 
+_SAMPLES = click.option("--samples", type=int, default=None, help="Use at most N samples (seeded draw).")
+_SCORE_SAMPLES = click.option(
+    "--score-samples", "--samples", "samples", type=int, default=None,
+    help="Score channels on at most K samples drawn (seeded) from the training part of --data; only those are "
+         "read (--samples is an alias).")
 
-def data_options(fn: Callable) -> Callable:
+
+def data_options(fn: Callable | None = None, *, scoring: bool = False) -> Callable:
     """Decorator adding ``--data --image-size --mean --std --scale --channel-order --grayscale
-    --samples`` (parameters ``data_path, image_size, mean, std, scale, channel_order,
-    grayscale, samples``)."""
-    for opt in reversed(_DATA_OPTIONS):
-        fn = opt(fn)
-    return fn
+    --workers --strict-data`` and ``--samples`` (``scoring=True``: ``--score-samples`` with
+    the alias ``--samples``); parameters ``data_path, image_size, mean, std, scale,
+    channel_order, grayscale, workers, strict_data, samples``. Use as ``@data_options`` or
+    ``@data_options(scoring=True)``."""
+    def deco(f: Callable) -> Callable:
+        for opt in reversed(_DATA_OPTIONS + (_SCORE_SAMPLES if scoring else _SAMPLES,)):
+            f = opt(f)
+        return f
+
+    return deco if fn is None else deco(fn)
+
+
+def workers_value(text: str | int | None) -> int | None:
+    """``--workers``: None for ``auto``, else an integer >= 0.
+
+    Raises:
+        OnnxPruneError: anything else, naming the option.
+    """
+    if text is None or str(text).strip().lower() == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise OnnxPruneError(f"--workers must be 'auto' or an integer >= 0, got {text!r}") from None
+    if n < 0:
+        raise OnnxPruneError(f"--workers must be 'auto' or an integer >= 0, got {n}")
+    return n
 
 
 def floats(text: str | None, option: str, kind=float) -> tuple | None:
@@ -116,7 +152,8 @@ def floats(text: str | None, option: str, kind=float) -> tuple | None:
         raise OnnxPruneError(f"{option} {text!r}: expected comma-separated numbers") from None
 
 
-def load_data(data_path, image_size, mean, std, scale, channel_order, grayscale, **_ignored):
+def load_data(data_path, image_size, mean, std, scale, channel_order, grayscale, workers="auto",
+              strict_data=False, **_ignored):
     """The :class:`~onnxprune.data.CalibrationData` the :func:`data_options` values name
     (None when ``--data`` was not given).
 
@@ -134,7 +171,8 @@ def load_data(data_path, image_size, mean, std, scale, channel_order, grayscale,
     if size is not None and min(size) < 1:
         raise OnnxPruneError(f"--image-size {image_size!r}: both sizes must be positive")
     return load_calibration(data_path, image_size=size, mean=floats(mean, "--mean"), std=floats(std, "--std"),
-                            scale=scale, channel_order=channel_order, grayscale=grayscale)
+                            scale=scale, channel_order=channel_order, grayscale=grayscale,
+                            workers=workers_value(workers), strict=bool(strict_data))
 
 
 _FT_FIELDS = ("epochs", "optimizer", "lr", "schedule", "weight_decay", "temperature", "warmup", "augment")

@@ -21,7 +21,16 @@ from onnxprune.cli.options import (data_options, finetune_from, finetune_options
                                    load_data, user_errors)
 from onnxprune.errors import OnnxPruneError
 
-_NEEDS_DATA = "a .npz with x [and y], a .npy, or a folder of images"
+_NEEDS_DATA = "a .npz with x [and y], a .npy, a folder of images, a list file, or .npz/.npy shards"
+
+
+def _warn_bad(data) -> None:
+    """The bad-sample summary of ``data`` on stderr, when samples were skipped."""
+    from onnxprune.data import data_warnings
+    from onnxprune.data.loader import warn
+
+    for line in data_warnings(data):
+        warn(line)
 
 
 @click.command("eval")
@@ -34,8 +43,8 @@ _NEEDS_DATA = "a .npz with x [and y], a .npy, or a folder of images"
               help="Samples per onnxruntime run (a model with a fixed batch dim runs that batch).")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed of the --samples draw.")
 @user_errors
-def eval_command(model, data_path, image_size, mean, std, scale, channel_order, grayscale, samples, reference,
-                 report_path, batch_size, seed):
+def eval_command(model, data_path, image_size, mean, std, scale, channel_order, grayscale, workers, strict_data,
+                 samples, reference, report_path, batch_size, seed):
     """Top-1 accuracy of MODEL on --data (with labels) and its fidelity to --reference, in onnxruntime."""
     from onnxprune.evaluate import evaluate
     from onnxprune.io import check_side_output, load_model, write_text_atomic
@@ -49,13 +58,19 @@ def eval_command(model, data_path, image_size, mean, std, scale, channel_order, 
     r = load_model(reference) if reference is not None else None
     if r is not None:
         check_teacher(m, r, student_label=str(model), teacher_label=f"--reference {reference}")
-    data = load_data(data_path, image_size, mean, std, scale, channel_order, grayscale).subset(samples, seed)
+    data = load_data(data_path, image_size, mean, std, scale, channel_order, grayscale, workers,
+                     strict_data).subset(samples, seed)
     data.check(declared_input_shape(m))
     res = evaluate(m, data, reference=r, batch_size=batch_size, model_label=str(model),
                    reference_label=None if reference is None else str(reference))
     res.render(Console())
+    _warn_bad(data)
     if report_path:
-        write_text_atomic(report_path, json.dumps(res.to_dict(), indent=2, allow_nan=False) + "\n")
+        info = res.to_dict()
+        from onnxprune.data import data_warnings
+
+        info["data_warnings"] = data_warnings(data)
+        write_text_atomic(report_path, json.dumps(info, indent=2, allow_nan=False) + "\n")
 
 
 @click.command("finetune")
@@ -76,7 +91,7 @@ def eval_command(model, data_path, image_size, mean, std, scale, channel_order, 
 @click.option("--report", "report_path", type=click.Path(), default=None, help="Write the results as JSON.")
 @user_errors
 def finetune_command(model, teacher, output, data_path, image_size, mean, std, scale, channel_order, grayscale,
-                     samples, batch_size, loss, recalibrate_bn, device, seed, input_shape, report_path, **ft):
+                     workers, strict_data, samples, batch_size, loss, recalibrate_bn, device, seed, input_shape, report_path, **ft):
     """Fine-tune the weights of MODEL (a pruned model) on --data and write them back into ONNX."""
     from onnxprune.canonicalize import canonicalize
     from onnxprune.executor.device import resolve_device
@@ -99,7 +114,8 @@ def finetune_command(model, teacher, output, data_path, image_size, mean, std, s
         tmodel = load_model(teacher)
         check_teacher(original, tmodel, student_label=str(model), teacher_label=f"--teacher {teacher}")
         tmodel = canonicalize(tmodel).model
-    data = load_data(data_path, image_size, mean, std, scale, channel_order, grayscale).subset(samples, seed)
+    data = load_data(data_path, image_size, mean, std, scale, channel_order, grayscale, workers,
+                     strict_data).subset(samples, seed)
     data.check(declared_input_shape(student))
     shapes = resolve_input_shapes(student, input_shapes(input_shape))
     try:
@@ -128,8 +144,12 @@ def finetune_command(model, teacher, output, data_path, image_size, mean, std, s
         agree = "" if f.top1_agreement is None else f", top-1 agreement {f.top1_agreement:.1%}"
         console.print(f"output {name}: cosine {f.cosine:.4f} to the {ref_label} on random inputs{agree}",
                       highlight=False)
+    _warn_bad(data)
     if report_path:
-        info.update(finetune=res.to_dict(), output=str(written), verify=check.to_dict())
+        from onnxprune.data import data_warnings
+
+        info.update(finetune=res.to_dict(), output=str(written), verify=check.to_dict(),
+                    data_warnings=data_warnings(data))
         from onnxprune.report import _jsonable
 
         write_text_atomic(report_path, json.dumps(_jsonable(info), indent=2, allow_nan=False) + "\n")

@@ -30,7 +30,13 @@ Rules :func:`finetune` follows:
   first ``warmup`` fraction of the steps (from lr / 10).
 - Consistent augmentation (``augment``, :mod:`onnxprune.recover.augment`): each batch is
   augmented once and the *same* view goes to the teacher and the student (Beyer et al.,
-  CVPR 2022); mixing kinds only with a teacher loss.
+  CVPR 2022); mixing kinds only with a teacher loss. The augmentation runs where the batch
+  is read (the DataLoader's worker processes for lazy data, :mod:`onnxprune.data.loader`),
+  seeded per batch from (seed, epoch, step): the same views for any ``--workers``.
+- Data: per step, an index array (a chunk of the epoch's seeded permutation, sorted) is
+  read as one batch (:func:`onnxprune.data.fetch_batches`); bad samples of lazy sources
+  are dropped from it (a batch left empty takes no step), and the loss is the mean over
+  the samples read.
 - Early stopping on held-out data (``validate``): the model as given and the model after
   every epoch are scored by ``validate`` (higher is better); the best is returned, and
   training stops after ``patience`` epochs without improvement. So fine-tuning never
@@ -55,7 +61,7 @@ import torch
 from onnxprune.batching import fixed_batch, forward_fixed, require_one_input, value_info_dims
 from onnxprune.criteria.calibration import first_output_rank
 from onnxprune.criteria.loss import Loss, resolve_loss
-from onnxprune.data import CalibrationData
+from onnxprune.data import BatchRequest, CalibrationData, Fetched, batch_seed, fetch_batches
 from onnxprune.errors import OnnxPruneError, UnsupportedModelError
 from onnxprune.executor.graph_module import TorchGraph
 from onnxprune.inputs import graph_inputs
@@ -333,31 +339,36 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
 
         kinds = parse_augment(list(options.augment), classifier=first_output_rank(student) == 2)
         augment = Augmenter(kinds, allow_mixing=loss_fn.uses_teacher) if kinds else None
-    aug_gen = torch.Generator().manual_seed(int(options.seed) + 1)
 
-    def batch(idx: np.ndarray, train: bool = False):
-        x = torch.from_numpy(np.ascontiguousarray(data.x[idx])).to(device)
-        if train and augment is not None:  # one view for the student and the teacher alike
-            x = augment(x, aug_gen)
-        y = None if data.y is None else torch.from_numpy(np.asarray(data.y[idx])).to(device)
+    def requests(chunks: list[np.ndarray], epoch: int | None = None) -> list[BatchRequest]:
+        """One read per step; training batches carry their augmentation seed (seed, epoch, step)."""
+        aug = epoch is not None and augment is not None
+        return [BatchRequest(idx, batch_seed(options.seed, epoch, k) if aug else None) for k, idx in enumerate(chunks)]
+
+    def fetched(chunks: list[np.ndarray], epoch: int | None = None):
+        """(idx, batch) per step: the samples ``idx`` read (in worker processes for lazy data),
+        bad ones dropped, augmented there for training (one view for the student and the
+        teacher alike)."""
+        return zip(chunks, fetch_batches(data, requests(chunks, epoch), augment=augment if epoch is not None else None))
+
+    def loss_on(f: Fetched) -> torch.Tensor:
+        """Mean loss of one step's batch, run as the model can take it."""
+        x = torch.from_numpy(f.x).to(device)
+        y = None if f.y is None else torch.from_numpy(f.y).to(device)
         ref = None
         if tnet is not None:
             with torch.no_grad():
                 ref = tuple(t.detach() for t in forward_fixed(tnet, x, tfixed))
-        return x, y, ref
-
-    def loss_on(idx: np.ndarray, train: bool = False) -> torch.Tensor:
-        """Mean loss of the samples ``idx`` (one step's batch), run as the model can take them."""
-        x, y, ref = batch(idx, train)
         return _loss(loss_fn, forward_fixed(net, x, fixed), y, ref, options.temperature)
 
     def mean_loss() -> float:
-        total_loss = 0.0
+        total_loss, count = 0.0, 0
         with torch.no_grad():
-            for i in range(0, n, bs):
-                idx = np.arange(i, min(i + bs, n))
-                total_loss += float(loss_on(idx)) * len(idx)
-        return total_loss / n
+            for _, f in fetched([np.arange(i, min(i + bs, n)) for i in range(0, n, bs)]):
+                if len(f.x):
+                    total_loss += float(loss_on(f)) * len(f.x)
+                    count += len(f.x)
+        return total_loss / max(count, 1)
 
     loss_before = mean_loss() if measure_loss else None
     val_by_epoch: list[float] = []
@@ -372,10 +383,13 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
         for epoch in range(int(options.epochs)):
             order = torch.randperm(n, generator=gen).numpy()
             running, seen = 0.0, 0
-            for k, i in enumerate(range(0, n, bs)):
-                idx = np.sort(order[i:i + bs])
+            chunks = [np.sort(order[i:i + bs]) for i in range(0, n, bs)]
+            for k, (idx, f) in enumerate(fetched(chunks, epoch)):
+                if not len(f.x):  # every sample of the batch was bad (counted, warned)
+                    bar.update(task, advance=1)
+                    continue
                 opt.zero_grad(set_to_none=True)
-                loss = loss_on(idx, train=True)
+                loss = loss_on(f)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise OnnxPruneError(f"fine-tuning diverged at epoch {epoch + 1}, step {k + 1} "
@@ -384,8 +398,8 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
                 opt.step()
                 sched.step()
                 step += 1
-                running += value * len(idx)
-                seen += len(idx)
+                running += value * len(f.x)
+                seen += len(f.x)
                 bar.update(task, advance=1, description=f"fine-tune epoch {epoch + 1}/{options.epochs}",
                            loss=f"loss {running / seen:.4g}")
                 if callback is not None:
