@@ -28,16 +28,10 @@ def parse_round_to(text: str | int) -> int | str:
     Raises:
         OnnxPruneError: anything else (the message names the option).
     """
-    t = str(text).strip().lower()
-    if t == ROUND_TO_AUTO:
-        return ROUND_TO_AUTO
-    try:
-        n = int(t)
-    except ValueError:
-        raise OnnxPruneError(f"--round-to {text!r}: expected a positive integer or 'auto'") from None
-    if n < 1:
-        raise OnnxPruneError(f"--round-to {text!r}: must be at least 1")
-    return n
+    from onnxprune.cli.options import int_or_auto
+
+    n = int_or_auto(text, "--round-to", minimum=1)
+    return ROUND_TO_AUTO if n == "auto" else n
 
 
 def parse_batches(values: tuple[str, ...]) -> tuple[int, ...]:

@@ -7,7 +7,7 @@ import click
 from rich.console import Console
 
 from onnxprune.cli.options import (data_options, finetune_from, finetune_options, input_shape_option, input_shapes,
-                                   load_data, user_errors)
+                                   int_or_auto, load_data, user_errors)
 from onnxprune.errors import OnnxPruneError
 from onnxprune.planning import PlanOptions, Scope, Target, TargetKind
 
@@ -21,19 +21,6 @@ def _criterion_args(criterion: str, cpmc_a: float, cpmc_b: float, loss: str, ens
     if criterion in ("taylor", "infcp", "ifso"):
         return {"loss": loss}
     return {}
-
-
-def _int_or_auto(value: str, option: str, *, minimum: int) -> int | str:
-    """``auto`` or an integer >= ``minimum``. Raises OnnxPruneError naming ``option``."""
-    if str(value).strip().lower() == "auto":
-        return "auto"
-    try:
-        n = int(value)
-    except ValueError:
-        raise OnnxPruneError(f"{option} must be 'auto' or an integer, got {value!r}") from None
-    if n < minimum:
-        raise OnnxPruneError(f"{option} must be >= {minimum}, got {n}")
-    return n
 
 
 @click.command("compress")
@@ -146,7 +133,7 @@ def compress(model, output, criterion, ratio, target_macs, target_params, scope,
     recovering = recover_flag if recover_flag is not None else data is not None
     if recovering and data is None:
         raise OnnxPruneError("--recover needs calibration data: give --data")
-    epochs = _int_or_auto(finetune["finetune_epochs"], "--finetune-epochs", minimum=0)
+    epochs = int_or_auto(finetune["finetune_epochs"], "--finetune-epochs", minimum=0)
     ft = None
     if recovering and epochs != 0:
         values = dict(finetune, finetune_epochs=1 if epochs == "auto" else epochs)
@@ -164,7 +151,7 @@ def compress(model, output, criterion, ratio, target_macs, target_params, scope,
         strict_target=strict_target, bench=not no_bench, bench_repeat=bench_repeat, threads=threads,
         recalibrate_bn=bool(recal), finetune=ft, auto_epochs=epochs == "auto",
         data=data, samples=samples, train_samples=train_samples, val_split=val_split, val_data=val_data,
-        max_drop=max_drop, steps=_int_or_auto(steps, "--steps", minimum=1),
+        max_drop=max_drop, steps=int_or_auto(steps, "--steps", minimum=1),
         never_slower=not fixed_round_to and not no_bench,
         batch_size=batch_size, device=device, provider=checked_provider(provider))
     res = run(model, output, opts)

@@ -121,21 +121,27 @@ def data_options(fn: Callable | None = None, *, scoring: bool = False) -> Callab
     return deco if fn is None else deco(fn)
 
 
-def workers_value(text: str | int | None) -> int | None:
-    """``--workers``: None for ``auto``, else an integer >= 0.
+def int_or_auto(value: str | int | None, option: str, *, minimum: int) -> int | str:
+    """``auto`` (any case; None too) or an integer >= ``minimum``.
 
     Raises:
-        OnnxPruneError: anything else, naming the option.
+        OnnxPruneError: anything else, naming ``option``.
     """
-    if text is None or str(text).strip().lower() == "auto":
-        return None
+    if value is None or str(value).strip().lower() == "auto":
+        return "auto"
     try:
-        n = int(text)
+        n = int(str(value).strip())
     except ValueError:
-        raise OnnxPruneError(f"--workers must be 'auto' or an integer >= 0, got {text!r}") from None
-    if n < 0:
-        raise OnnxPruneError(f"--workers must be 'auto' or an integer >= 0, got {n}")
+        raise OnnxPruneError(f"{option} must be 'auto' or an integer >= {minimum}, got {value!r}") from None
+    if n < minimum:
+        raise OnnxPruneError(f"{option} must be 'auto' or an integer >= {minimum}, got {n}")
     return n
+
+
+def workers_value(text: str | int | None) -> int | None:
+    """``--workers``: None for ``auto``, else an integer >= 0 (see :func:`int_or_auto`)."""
+    n = int_or_auto(text, "--workers", minimum=0)
+    return None if n == "auto" else n
 
 
 def floats(text: str | None, option: str, kind=float) -> tuple | None:
