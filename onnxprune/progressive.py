@@ -23,7 +23,7 @@ import onnx
 from onnxprune.analysis import Analysis
 from onnxprune.holdout import HeldOutMetric, Split, split_holdout
 from onnxprune.planning import PlanOptions, Target, TargetKind
-from onnxprune.runtime.latency import measure_latency
+from onnxprune.runtime.latency import measure_interleaved, measure_latency
 from onnxprune.runtime.latency_search import search_latency
 from onnxprune.schedule import (PROBE_ROUND_TO, Milestone, State, StepRecord, StepSetup, auto_steps, guard_milestones,
                                 initial_state, milestones, probe_round_to, run_step)
@@ -78,7 +78,18 @@ class ProgressiveRun:
         if options.bench or latency_target:
             kw = dict(warmup=options.bench_warmup, repeat=options.bench_repeat, threads=options.threads,
                       seed=options.seed, providers=(options.provider,))
-            self.measure = lambda m: measure_latency(m, prep.input_shapes, **kw).median_ms
+            self._bench_kw = kw
+            self.measure = self._measure
+
+    def _measure(self, model: onnx.ModelProto) -> float:
+        """Median latency (ms) of ``model``; once the original's is known, timed interleaved
+        with the original and scaled to the original's first figure, so that every cut is
+        compared with the original under the same load (never-slower, the round_to probe)."""
+        kw = self._bench_kw
+        if self.original_ms is None:
+            return measure_latency(model, self.prep.input_shapes, **kw).median_ms
+        orig, cut = measure_interleaved([self.prep.model, model], self.prep.input_shapes, **kw)
+        return cut.median_ms * self.original_ms / max(orig.median_ms, 1e-12)
 
     # ---- the pieces of a step ---------------------------------------------------------
     def _score(self, model: onnx.ModelProto, analysis: Analysis):

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.runtime.latency import LatencyStats, measure_latency, speedup
+from onnxprune.runtime.latency import LatencyStats, measure_interleaved, measure_latency, speedup
 from onnxprune.errors import ModelLoadError, OnnxPruneError
 
 
@@ -51,6 +51,32 @@ def test_measure_latency_from_proto():
     assert stats.provider == "CPUExecutionProvider"
     assert stats.threads == 1
     assert stats.batch == 4
+
+
+def test_measure_interleaved_alternates_the_models_runs(monkeypatch, tmp_path):
+    import onnxprune.runtime.latency as latency
+
+    order = []
+    real = latency._Timed.timed_run
+
+    def recording(self):
+        order.append(self.shapes and (self.model if isinstance(self.model, str) else self.model.graph.name))
+        return real(self)
+
+    monkeypatch.setattr(latency._Timed, "timed_run", recording)
+    a, b = classifier(channels=8), classifier(channels=16, seed=1)
+    a.graph.name, b.graph.name = "a", "b"
+    path = tmp_path / "b.onnx"
+    onnx.save(b, str(path))
+    sa, sb = measure_interleaved([a, str(path)], {"x": (2, 3, 16, 16)}, warmup=1, repeat=5, threads=1)
+    assert order == ["a", str(path)] * 5  # A, B, A, B, ...: both see the same load
+    for st in (sa, sb):
+        assert_consistent(st, 5)
+        assert st.batch == 2 and st.threads == 1
+    with pytest.raises(OnnxPruneError, match="at least one model"):
+        measure_interleaved([], {"x": (1, 3, 16, 16)})
+    with pytest.raises(OnnxPruneError, match="repeat"):
+        measure_interleaved([a], {"x": (1, 3, 16, 16)}, repeat=0)
 
 
 def test_measure_latency_default_threads_is_none():

@@ -181,10 +181,10 @@ def test_not_faster_warning_names_the_provider(monkeypatch, models):
     import onnxprune.pipeline as pipeline
     from onnxprune.runtime.latency import LatencyStats
 
-    def same(model, shapes, **kw):
-        return LatencyStats(1.0, 1.0, 1.0, 1.0, 1, kw["providers"][0], None, 1)
+    def same(models, shapes, **kw):
+        return [LatencyStats(1.0, 1.0, 1.0, 1.0, 1, kw["providers"][0], None, 1) for _ in models]
 
-    monkeypatch.setattr(pipeline, "measure_latency", same)
+    monkeypatch.setattr(pipeline, "measure_interleaved", same)
     report = models / "r.json"
     r = run("compress", models / "fixed.onnx", "-o", models / "o.onnx", "--target-macs", "0.5", "--report", report)
     assert r.exit_code == 0, r.output

@@ -40,8 +40,8 @@ from onnxprune.errors import InputShapeError, ModelLoadError, OnnxPruneError
 from onnxprune.inputs import graph_inputs, make_inputs, resolve_input_shapes
 from onnxprune.runtime.verify import Provider, ort_message, check_providers, make_session, model_source
 
-__all__ = ["PROVIDER_NAMES", "LatencyStats", "available_providers", "batch_shapes", "measure_latency",
-           "resolve_provider", "speedup"]
+__all__ = ["PROVIDER_NAMES", "LatencyStats", "available_providers", "batch_shapes", "measure_interleaved",
+           "measure_latency", "resolve_provider", "speedup"]
 
 #: Short provider names accepted on the command line -> onnxruntime names, in bench order.
 PROVIDER_NAMES: dict[str, str] = {
@@ -187,6 +187,94 @@ def _batch(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> int
     return int(shape[0]) if shape else 1
 
 
+class _Timed:
+    """One model's onnxruntime session, ready to run: built and warmed up on entry."""
+
+    def __init__(self, model, input_shapes, providers, warmup, threads, seed, memory, tick) -> None:
+        self.model, self.shapes = model, dict(input_shapes)
+        self.providers, self.warmup, self.threads = providers, warmup, threads
+        self.seed, self.memory, self.tick = seed, memory, tick
+        self.peak = _PeakRss() if memory else contextlib.nullcontext()
+        self.times: list[float] = []
+
+    def __enter__(self) -> "_Timed":
+        self._stack = contextlib.ExitStack()
+        try:
+            self._open()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def _open(self) -> None:
+        self.proto = (self.model if isinstance(self.model, onnx.ModelProto) else _load_header(self.model))
+        feeds = make_inputs(self.proto, self.shapes, seed=self.seed)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        # graph optimisers log through the default logger, not the session's
+        ort.set_default_logger_severity(3)
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads
+        source = self._stack.enter_context(model_source(self.model))  # the session may map the file
+        with self.peak:
+            self.sess = make_session(source, self.providers, options=options, label="model")
+            self.provider = self.sess.get_providers()[0]
+            first = self.providers[0]
+            wanted_provider = first if isinstance(first, str) else first[0]
+            if self.provider != wanted_provider:
+                raise OnnxPruneError(f"onnxruntime could not use {wanted_provider} for this model "
+                                     f"(it fell back to {self.provider}); is the device present?")
+            self.names = [o.name for o in self.sess.get_outputs()]
+            wanted = {i.name for i in self.sess.get_inputs()}
+            missing = sorted(wanted - set(feeds))
+            if missing:
+                raise OnnxPruneError(f"no input shape for model input {missing[0]!r}")
+            self.feeds = {k: v for k, v in feeds.items() if k in wanted}
+            for _ in range(max(self.warmup, 1 if self.memory else 0)):
+                self._run()
+                self.tick()
+
+    def _run(self) -> None:
+        try:
+            self.sess.run(self.names, self.feeds)
+        except Exception as exc:
+            raise OnnxPruneError(f"onnxruntime failed to run the model: {ort_message(exc)}") from exc
+
+    def timed_run(self) -> None:
+        t0 = time.perf_counter()
+        self._run()
+        self.times.append((time.perf_counter() - t0) * 1e3)
+        self.tick()
+
+    def stats(self) -> LatencyStats:
+        times = np.asarray(self.times, dtype=np.float64)
+        return LatencyStats(
+            median_ms=float(np.median(times)),
+            p90_ms=float(np.percentile(times, 90)),
+            mean_ms=float(times.mean()),
+            min_ms=float(times.min()),
+            runs=len(times),
+            provider=self.provider,
+            threads=self.threads,
+            batch=_batch(self.proto, self.shapes),
+            peak_memory_mb=self.peak.increase_mb if self.memory else None,
+        )
+
+
+def _check_args(repeat: int, warmup: int, threads: int | None, providers) -> None:
+    if repeat < 1:
+        raise OnnxPruneError(f"repeat must be at least 1, got {repeat}")
+    if warmup < 0:
+        raise OnnxPruneError(f"warmup must not be negative, got {warmup}")
+    if threads is not None and threads < 1:
+        raise OnnxPruneError(f"threads must be at least 1, got {threads}")
+    check_providers(providers)
+
+
 def measure_latency(
     model: onnx.ModelProto | str | Path,
     input_shapes: Mapping[str, tuple[int, ...]],
@@ -212,70 +300,45 @@ def measure_latency(
         OnnxPruneError: bad ``repeat``/``warmup``/``threads``, a provider that is not
             available or falls back to another, a missing input shape, or a failed run.
     """
-    if repeat < 1:
-        raise OnnxPruneError(f"repeat must be at least 1, got {repeat}")
-    if warmup < 0:
-        raise OnnxPruneError(f"warmup must not be negative, got {warmup}")
-    if threads is not None and threads < 1:
-        raise OnnxPruneError(f"threads must be at least 1, got {threads}")
-    check_providers(providers)
+    _check_args(repeat, warmup, threads, providers)
+    with _Timed(model, input_shapes, providers, warmup, threads, seed, memory, on_run or (lambda: None)) as t:
+        for _ in range(repeat):
+            t.timed_run()
+        return t.stats()
 
-    proto = model if isinstance(model, onnx.ModelProto) else _load_header(model)
-    shapes = dict(input_shapes)
-    feeds = make_inputs(proto, shapes, seed=seed)
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    # graph optimisers log through the default logger, not the session's
-    ort.set_default_logger_severity(3)
-    if threads is not None:
-        options.intra_op_num_threads = threads
+def measure_interleaved(
+    models: Sequence[onnx.ModelProto | str | Path],
+    input_shapes: Mapping[str, tuple[int, ...]],
+    *,
+    providers: Sequence[Provider] = ("CPUExecutionProvider",),
+    warmup: int = 5,
+    repeat: int = 30,
+    threads: int | None = None,
+    seed: int = 0,
+) -> list[LatencyStats]:
+    """:func:`measure_latency` of several models at once, their timed runs interleaved
+    (A, B, A, B, ...), one :class:`LatencyStats` per model in order.
 
-    tick = on_run or (lambda: None)
-    peak = _PeakRss() if memory else contextlib.nullcontext()
-    with model_source(model) as source:  # the session is used inside: it may map the file
-        with peak:
-            sess = make_session(source, providers, options=options, label="model")
-            provider = sess.get_providers()[0]
-            wanted_provider = providers[0] if isinstance(providers[0], str) else providers[0][0]
-            if provider != wanted_provider:
-                raise OnnxPruneError(f"onnxruntime could not use {wanted_provider} for this model "
-                                     f"(it fell back to {provider}); is the device present?")
-            names = [o.name for o in sess.get_outputs()]
-            wanted = {i.name for i in sess.get_inputs()}
-            missing = sorted(wanted - set(feeds))
-            if missing:
-                raise OnnxPruneError(f"no input shape for model input {missing[0]!r}")
-            feeds = {k: v for k, v in feeds.items() if k in wanted}
-            try:
-                for _ in range(max(warmup, 1 if memory else 0)):
-                    sess.run(names, feeds)
-                    tick()
-            except Exception as exc:
-                raise OnnxPruneError(f"onnxruntime failed to run the model: {ort_message(exc)}") from exc
-        try:
-            times = np.empty(repeat, dtype=np.float64)
-            for i in range(repeat):
-                t0 = time.perf_counter()
-                sess.run(names, feeds)
-                times[i] = time.perf_counter() - t0
-                tick()
-        except Exception as exc:
-            raise OnnxPruneError(f"onnxruntime failed to run the model: {ort_message(exc)}") from exc
-    times *= 1e3
+    Comparing two models measured one after the other on a machine whose load changes
+    (other processes, frequency scaling) compares the load as much as the models; with
+    interleaved runs both see the same conditions, so their ratio (a speedup, the
+    never-slower decision) is what it claims to be. All sessions are built and warmed up
+    before the first timed run; the same seeded inputs feed every model.
 
-    return LatencyStats(
-        median_ms=float(np.median(times)),
-        p90_ms=float(np.percentile(times, 90)),
-        mean_ms=float(times.mean()),
-        min_ms=float(times.min()),
-        runs=repeat,
-        provider=provider,
-        threads=threads,
-        batch=_batch(proto, shapes),
-        peak_memory_mb=peak.increase_mb if memory else None,
-    )
+    Raises:
+        As :func:`measure_latency`; OnnxPruneError for an empty ``models``.
+    """
+    if not models:
+        raise OnnxPruneError("measure_interleaved needs at least one model")
+    _check_args(repeat, warmup, threads, providers)
+    with contextlib.ExitStack() as stack:
+        timed = [stack.enter_context(_Timed(m, input_shapes, providers, warmup, threads, seed, False, lambda: None))
+                 for m in models]
+        for _ in range(repeat):
+            for t in timed:
+                t.timed_run()
+        return [t.stats() for t in timed]
 
 
 def speedup(before: LatencyStats, after: LatencyStats) -> float:
