@@ -39,6 +39,17 @@ Rules :func:`finetune` follows:
 - Nothing is written here: the trained model is returned (the callers save it atomically
   with :func:`onnxprune.io.save_model` only after training completed), so a Ctrl-C or an
   exception during training leaves no file behind.
+- Multi-process runs (:mod:`onnxprune.distributed`, torchrun or ``--nproc``): the global
+  batch stays ``batch_size`` and its order the one-process order; each step's sorted
+  index array ``idx`` is split by rank (``idx[rank::world]``), each rank's mean loss is
+  weighted by its share of ``idx``, and the model is wrapped in DistributedDataParallel
+  (the TorchGraph is an ``nn.Module``), whose gradient all-reduce then gives every rank
+  the gradient of one process's step (float tolerance); the ``mse`` loss divides by the
+  variance of the whole global batch's reference (all-reduced). The loss shown, the
+  divergence check, early stopping (``validate`` is evaluated on rank 0 and broadcast)
+  and the returned model are the same on every rank. Augmentation draws its views per
+  rank (mixup / cutmix mix within a rank's part), so with ``augment`` a run is
+  statistically equivalent, not equal, to one process.
 """
 
 from __future__ import annotations
@@ -52,10 +63,11 @@ import numpy as np
 import onnx
 import torch
 
-from onnxprune.batching import fixed_batch, forward_fixed, require_one_input, value_info_dims
+from onnxprune.batching import fixed_batch, forward_fixed, require_one_input, run_in_fixed_batches, value_info_dims
 from onnxprune.criteria.calibration import first_output_rank
 from onnxprune.criteria.loss import Loss, resolve_loss
 from onnxprune.data import CalibrationData
+from onnxprune.distributed import DistContext, current, fault_point
 from onnxprune.errors import OnnxPruneError, UnsupportedModelError
 from onnxprune.executor.graph_module import TorchGraph
 from onnxprune.inputs import graph_inputs
@@ -284,11 +296,14 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
     Returns:
         :class:`FinetuneResult`.
 
+    Multi-process runs (module docstring): every rank must call this with the same
+    arguments; each trains on its part of every step's batch and all return the same model.
+
     Raises:
         OnnxPruneError: no samples, no labels and no teacher, several graph inputs, a
             loss the outputs cannot take, a teacher whose interface differs, a
             non-finite loss (lower the learning rate); UnsupportedModelError: an op the
-            torch executor lacks.
+            torch executor lacks; DistributedError: another rank failed.
     """
     from onnxprune.executor.device import resolve_device
 
@@ -313,6 +328,10 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
         raise UnsupportedModelError(f"fine-tuning needs float32 weights, the model has {', '.join(odd)} weights")
     for p in params:
         p.requires_grad_(True)
+    ctx = current()
+    model = net if ctx.world == 1 else _data_parallel(net, device)  # what a training step runs
+    if validate is not None:
+        validate = ctx.on_main(validate)  # rank 0 measures, every rank takes the same decision
     tnet = None
     if teacher is not None:
         tnet = TorchGraph(teacher, requires_grad=False).to(device).eval()
@@ -333,7 +352,7 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
 
         kinds = parse_augment(list(options.augment), classifier=first_output_rank(student) == 2)
         augment = Augmenter(kinds, allow_mixing=loss_fn.uses_teacher) if kinds else None
-    aug_gen = torch.Generator().manual_seed(int(options.seed) + 1)
+    aug_gen = torch.Generator().manual_seed(int(options.seed) + 1 + 7919 * ctx.rank)  # views drawn per rank
 
     def batch(idx: np.ndarray, train: bool = False):
         x = torch.from_numpy(np.ascontiguousarray(data.x[idx])).to(device)
@@ -347,16 +366,26 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
         return x, y, ref
 
     def loss_on(idx: np.ndarray, train: bool = False) -> torch.Tensor:
-        """Mean loss of the samples ``idx`` (one step's batch), run as the model can take them."""
-        x, y, ref = batch(idx, train)
-        return _loss(loss_fn, forward_fixed(net, x, fixed), y, ref, options.temperature)
+        """This rank's term of the mean loss of the samples ``idx`` (one step's batch), run as
+        the model can take them: the mean loss of its part ``idx[rank::world]`` times the
+        part's share of ``idx`` (the terms of all ranks add up to one process's loss; at
+        world 1 the loss of ``idx`` itself). A rank whose part is empty (a batch smaller
+        than the world) runs one sample with weight 0, so that it still joins DDP's
+        gradient all-reduce."""
+        mine = ctx.split(idx)
+        x, y, ref = batch(mine if len(mine) else idx[:1], train)
+        outs = run_in_fixed_batches(model if torch.is_grad_enabled() else net, x, fixed, net.output_names)
+        scales = None
+        if ctx.world > 1 and loss_fn.kind == "mse":
+            scales = _global_scales(outs, ref, ctx, counted=len(mine) > 0)
+        return _loss(loss_fn, outs, y, ref, options.temperature, scales) * (len(mine) / len(idx))
 
     def mean_loss() -> float:
         total_loss = 0.0
         with torch.no_grad():
             for i in range(0, n, bs):
                 idx = np.arange(i, min(i + bs, n))
-                total_loss += float(loss_on(idx)) * len(idx)
+                total_loss += ctx.all_reduce_sum(float(loss_on(idx))) * len(idx)
         return total_loss / n
 
     loss_before = mean_loss() if measure_loss else None
@@ -367,20 +396,23 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
     epoch_losses: list[float] = []
     t0 = time.perf_counter()
     step = 0
-    with _progress(options.progress) as bar:
+    with _progress(options.progress and ctx.is_main) as bar:
         task = bar.add_task("fine-tune", total=total, loss="")
         for epoch in range(int(options.epochs)):
             order = torch.randperm(n, generator=gen).numpy()
             running, seen = 0.0, 0
             for k, i in enumerate(range(0, n, bs)):
                 idx = np.sort(order[i:i + bs])
+                fault_point("finetune")
                 opt.zero_grad(set_to_none=True)
                 loss = loss_on(idx, train=True)
-                value = float(loss.detach())
+                value = ctx.all_reduce_sum(float(loss.detach()))  # the global batch's loss, on every rank
                 if not math.isfinite(value):
                     raise OnnxPruneError(f"fine-tuning diverged at epoch {epoch + 1}, step {k + 1} "
                                          f"(loss {value}); lower --lr")
-                loss.backward()
+                # DDP averages the ranks' gradients: the mean of world * share_r * grad_r is
+                # sum_r share_r * grad_r, the gradient of one process's loss on idx
+                (loss * ctx.world if ctx.world > 1 else loss).backward()
                 opt.step()
                 sched.step()
                 step += 1
@@ -404,12 +436,15 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
     loss_after = mean_loss() if measure_loss else None
     for p in params:
         p.requires_grad_(False)
+    del model  # releases DDP's hooks on the parameters
     extra: dict = {}
     if validate is not None:
         trained = best_model
         extra = {"val_by_epoch": val_by_epoch, "best_epoch": best_epoch}
     else:
         trained = net.write_back(student)
+    if ctx.world > 1:
+        extra["processes"] = ctx.world
     return FinetuneResult(trained, loss_fn.kind, loss_before, loss_after, tuple(epoch_losses), step,
                           tuple(names), str(device), seconds, extra)
 
@@ -434,11 +469,61 @@ def lr_factor(schedule: str, total: int, warmup: int) -> Callable[[int], float]:
     return f
 
 
-def _loss(loss_fn: Loss, outputs, y, ref, temperature: float) -> torch.Tensor:
-    """``loss_fn`` with the ``kl`` temperature applied (T^2-scaled, Hinton et al. 2015)."""
+def _loss(loss_fn: Loss, outputs, y, ref, temperature: float, scales=None) -> torch.Tensor:
+    """``loss_fn`` with the ``kl`` temperature applied (T^2-scaled, Hinton et al. 2015);
+    ``scales``: the ``mse`` variances (:func:`_global_scales`) or None."""
     if loss_fn.kind == "kl" and temperature != 1.0:
         t = float(temperature)
         outs = (outputs[0] / t,) + tuple(outputs[1:])
         refs = (ref[0] / t,) + tuple(ref[1:])
         return loss_fn(outs, y, refs) * (t * t)
+    if scales is not None:
+        return loss_fn(outputs, y, ref, scales=scales)
     return loss_fn(outputs, y, ref)
+
+
+def _data_parallel(net: TorchGraph, device: str) -> torch.nn.Module:
+    """``net`` in DistributedDataParallel (gradients averaged over the ranks during backward).
+
+    ``find_unused_parameters``: a trainable initializer may not reach the loss (a constant
+    that only feeds a comparison or a shape, a head left out of the loss), which plain DDP
+    would wait for forever. ``broadcast_buffers`` off: a TorchGraph has no buffers.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = torch.device(device)
+    return DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                   broadcast_buffers=False, find_unused_parameters=True)
+
+
+def _global_scales(outputs, reference, ctx: DistContext, *, counted: bool) -> list[torch.Tensor]:
+    """The ``mse`` loss's variance of each floating-point reference output over the whole
+    global batch (every rank's part; one process computes it on the batch it holds).
+
+    Exact two-pass combination in float64 (counts and sums, then squared deviations about
+    the global mean); ``counted`` False: this rank's part is a stand-in sample and adds
+    nothing. Floored at 1e-12, 1.0 for a single element, as for one process.
+
+    Raises:
+        DistributedError: another rank failed.
+    """
+    outs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+    refs = (reference,) if isinstance(reference, torch.Tensor) else tuple(reference)
+    pairs = [r.detach() for o, r in zip(outs, refs) if o.is_floating_point()]
+    first = np.zeros(2 * len(pairs), dtype=np.float64)
+    if counted:
+        for i, r in enumerate(pairs):
+            first[2 * i], first[2 * i + 1] = r.numel(), float(r.double().sum())
+    first = ctx.all_reduce_sum(first)
+    means = first[1::2] / np.maximum(first[0::2], 1)
+    dev = np.zeros(len(pairs), dtype=np.float64)
+    if counted:
+        for i, r in enumerate(pairs):
+            dev[i] = float(((r.double() - means[i]) ** 2).sum())
+    dev = ctx.all_reduce_sum(dev)
+    out = []
+    for i, r in enumerate(pairs):
+        count = first[2 * i]
+        var = max(dev[i] / count, 1e-12) if count > 1 else 1.0
+        out.append(torch.tensor(var, dtype=r.dtype if r.is_floating_point() else torch.float32, device=r.device))
+    return out
