@@ -206,9 +206,18 @@ class DistContext:
             call(dist)
         except Exception as e:  # gloo / NCCL raise RuntimeError subclasses with multi-line messages
             raise DistributedError(
-                f"rank {self.rank} of {self.world}: {what} failed ({first_line(e)}); another process stopped "
+                f"rank {self.rank} of {self.world}: {what} failed ({_short(e)}); another process stopped "
                 f"or did not reach it within the timeout (see that process's error; {ENV_TIMEOUT} sets the "
                 "timeout in seconds)") from None
+
+
+def _short(exc: BaseException) -> str:
+    """The gist of a gloo / NCCL error: its first line without the ``[source.cc:123]``
+    prefix and the advice that follows the first sentence."""
+    line = first_line(exc)
+    if line.startswith("[") and "] " in line:
+        line = line.split("] ", 1)[1]
+    return line.split(". This is typically")[0].rstrip(". ")
 
 
 #: the context of a process outside any process group
@@ -332,6 +341,9 @@ def session(device: str = "auto") -> Iterator[DistContext]:
     try:
         yield current()
     finally:
+        import gc
+
+        gc.collect()  # objects that hold the group (a DDP reducer in a reference cycle) go first
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
 
@@ -370,13 +382,16 @@ def relaunch(nproc: int, module_args: Sequence[str]) -> None:
         from torch.distributed.run import get_args_parser, run
     except ImportError as e:  # pragma: no cover - torch builds without distributed
         raise OnnxPruneError(f"--nproc needs torch.distributed ({first_line(e)})") from None
+    import logging
+
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(nproc))))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the failed ranks print their errors
     args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={int(nproc)}", "-m", "onnxprune",
                                          *module_args])
     try:
         run(args)
     except ChildFailedError as e:
-        failed = ", ".join(f"rank {f.global_rank} exit code {f.exitcode}" for f in e.failures.values())
+        failed = ", ".join(f"rank {rank} exit code {f.exitcode}" for rank, f in sorted(e.failures.items()))
         raise OnnxPruneError(f"{len(e.failures)} of {nproc} processes failed ({failed}); nothing written") from None
     except SignalException:
         raise KeyboardInterrupt from None

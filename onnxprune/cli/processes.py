@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import click
 
-from onnxprune.errors import OnnxPruneError
+from onnxprune.errors import DistributedError, OnnxPruneError
 
 #: key of the command line's arguments in ``click.Context.meta`` (set by the CLI group)
 ARGV_KEY = "onnxprune.argv"
@@ -77,6 +77,8 @@ def multi_process(fn: Callable) -> Callable:
                 return fn(*args, **kwargs)
             try:
                 return fn(*args, **kwargs)
+            except DistributedError:
+                raise  # names its rank already
             except OnnxPruneError as e:
                 raise OnnxPruneError(f"rank {ctx.rank} of {ctx.world}: {e}") from None
 

@@ -94,7 +94,7 @@ class Taylor:
             rows, batch_ids = ctx.batch_shard(len(data), batch_size)
             part = data.take(rows)
         for batch_id, b in zip(batch_ids, calibration_batches(part, batch_size, device, fixed=fixed_batch(model))):
-            gen.manual_seed(seed * 1_000_003 + int(batch_id))
+            gen.manual_seed(seed + 1_000_003 * int(batch_id))  # batch 0: the seed itself
             out = b.forward(graph)
             ref = tuple(o.detach() for o in out)  # gates are all one: the original's outputs
             n = b.x.shape[0]

@@ -329,7 +329,6 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
     for p in params:
         p.requires_grad_(True)
     ctx = current()
-    model = net if ctx.world == 1 else _data_parallel(net, device)  # what a training step runs
     if validate is not None:
         validate = ctx.on_main(validate)  # rank 0 measures, every rank takes the same decision
     tnet = None
@@ -364,6 +363,14 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
             with torch.no_grad():
                 ref = tuple(t.detach() for t in forward_fixed(tnet, x, tfixed))
         return x, y, ref
+
+    model = net  # what a training step runs: net, or DDP around it
+    if ctx.world > 1:
+        def probe() -> torch.Tensor:  # one sample's loss, the same on every rank, no collective
+            x, y, ref = batch(np.arange(1))
+            return _loss(loss_fn, forward_fixed(net, x, fixed), y, ref, options.temperature)
+
+        model = _data_parallel(net, device, params, probe)
 
     def loss_on(idx: np.ndarray, train: bool = False) -> torch.Tensor:
         """This rank's term of the mean loss of the samples ``idx`` (one step's batch), run as
@@ -437,6 +444,10 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
     for p in params:
         p.requires_grad_(False)
     del model  # releases DDP's hooks on the parameters
+    if ctx.world > 1:
+        import gc
+
+        gc.collect()  # DDP sits in reference cycles that hold the process group; free it now, not at exit
     extra: dict = {}
     if validate is not None:
         trained = best_model
@@ -482,18 +493,27 @@ def _loss(loss_fn: Loss, outputs, y, ref, temperature: float, scales=None) -> to
     return loss_fn(outputs, y, ref)
 
 
-def _data_parallel(net: TorchGraph, device: str) -> torch.nn.Module:
+def _data_parallel(net: TorchGraph, device: str, params: list[torch.nn.Parameter],
+                   probe: Callable[[], torch.Tensor]) -> torch.nn.Module:
     """``net`` in DistributedDataParallel (gradients averaged over the ranks during backward).
 
-    ``find_unused_parameters``: a trainable initializer may not reach the loss (a constant
-    that only feeds a comparison or a shape, a head left out of the loss), which plain DDP
-    would wait for forever. ``broadcast_buffers`` off: a TorchGraph has no buffers.
+    A trainable initializer may not reach the loss (a constant that only feeds a
+    comparison or a shape, an output the loss ignores): DDP would wait for its gradient
+    forever. ``probe()`` (one sample's loss) finds them: they are set to
+    ``requires_grad=False``, as one process leaves their gradient None (the optimizer
+    skips them either way), so DDP needs no per-step search for unused parameters (an
+    ONNX graph evaluated by TorchGraph has no data-dependent control flow).
     """
     from torch.nn.parallel import DistributedDataParallel
 
+    grads = torch.autograd.grad(probe(), params, allow_unused=True)
+    for p, g in zip(params, grads):
+        if g is None:
+            p.requires_grad_(False)
+    if not any(p.requires_grad for p in params):  # nothing reaches the loss: no gradient to share
+        return net
     dev = torch.device(device)
-    return DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                   broadcast_buffers=False, find_unused_parameters=True)
+    return DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
 
 
 def _global_scales(outputs, reference, ctx: DistContext, *, counted: bool) -> list[torch.Tensor]:
