@@ -124,6 +124,30 @@ class DistContext:
             return type(value)(buf.item())
         raise TypeError(f"all_reduce_sum takes a tensor, an array or a number, got {type(value).__name__}")
 
+    def all_reduce_sum_async(self, value: float) -> Callable[[], float]:
+        """Start the sum of a number over all ranks; the returned function waits for it.
+
+        For a figure needed a little later (a step's loss, checked after the optimizer
+        step), so the collective overlaps the work in between. Every rank must start its
+        collectives in the same order. At world 1 the function returns ``value``.
+
+        Raises (from the returned function):
+            DistributedError: the collective failed.
+        """
+        if self.world == 1:
+            return lambda: value
+        import torch
+
+        buf = torch.tensor([float(value)], dtype=torch.float64, device=self.comm_device)
+        work = []
+        self._collective("all_reduce", lambda d: work.append(d.all_reduce(buf, async_op=True)))
+
+        def wait() -> float:
+            self._collective("all_reduce", lambda d: work[0].wait())
+            return float(buf.item())
+
+        return wait
+
     def broadcast(self, obj: T, src: int = 0) -> T:
         """Rank ``src``'s ``obj`` (any picklable object) on every rank; ``obj`` at world 1.
 

@@ -413,13 +413,22 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
                 fault_point("finetune")
                 opt.zero_grad(set_to_none=True)
                 loss = loss_on(idx, train=True)
-                value = ctx.all_reduce_sum(float(loss.detach()))  # the global batch's loss, on every rank
-                if not math.isfinite(value):
-                    raise OnnxPruneError(f"fine-tuning diverged at epoch {epoch + 1}, step {k + 1} "
-                                         f"(loss {value}); lower --lr")
-                # DDP averages the ranks' gradients: the mean of world * share_r * grad_r is
-                # sum_r share_r * grad_r, the gradient of one process's loss on idx
-                (loss * ctx.world if ctx.world > 1 else loss).backward()
+                if ctx.world == 1:
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise OnnxPruneError(f"fine-tuning diverged at epoch {epoch + 1}, step {k + 1} "
+                                             f"(loss {value}); lower --lr")
+                    loss.backward()
+                else:
+                    # the global batch's loss, the same on every rank, summed while the step runs
+                    total_loss = ctx.all_reduce_sum_async(float(loss.detach()))
+                    # DDP averages the ranks' gradients: the mean of world * share_r * grad_r is
+                    # sum_r share_r * grad_r, the gradient of one process's loss on idx
+                    (loss * ctx.world).backward()
+                    value = total_loss()
+                    if not math.isfinite(value):  # every rank stops here, before the step
+                        raise OnnxPruneError(f"fine-tuning diverged at epoch {epoch + 1}, step {k + 1} "
+                                             f"(loss {value}); lower --lr")
                 opt.step()
                 sched.step()
                 step += 1
