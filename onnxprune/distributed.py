@@ -197,6 +197,18 @@ class DistContext:
         wrapped.__wrapped__ = fn
         return wrapped
 
+    @contextlib.contextmanager
+    def collectives(self, what: str) -> Iterator[None]:
+        """Within the block, a collective that torch runs itself (DDP's gradient all-reduce
+        inside ``backward``, its parameter check at construction) and that fails raises
+        DistributedError naming ``what``; other errors pass unchanged."""
+        try:
+            yield
+        except Exception as e:
+            if self.world > 1 and _is_comm_error(e):
+                raise DistributedError(self._failure(what, e)) from None
+            raise
+
     # ---- how work is split ---------------------------------------------------------------
     def split(self, idx: np.ndarray) -> np.ndarray:
         """This rank's part of one global batch's sample indices: ``idx[rank::world]``."""
@@ -229,10 +241,22 @@ class DistContext:
         try:
             call(dist)
         except Exception as e:  # gloo / NCCL raise RuntimeError subclasses with multi-line messages
-            raise DistributedError(
-                f"rank {self.rank} of {self.world}: {what} failed ({_short(e)}); another process stopped "
+            raise DistributedError(self._failure(what, e)) from None
+
+    def _failure(self, what: str, exc: BaseException) -> str:
+        return (f"rank {self.rank} of {self.world}: {what} failed ({_short(exc)}); another process stopped "
                 f"or did not reach it within the timeout (see that process's error; {ENV_TIMEOUT} sets the "
-                "timeout in seconds)") from None
+                "timeout in seconds)")
+
+
+def _is_comm_error(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from the communication backend (a torch DistError, or the
+    RuntimeError autograd re-raises for a gloo / NCCL failure in a backward hook)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return any(k in text for k in ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer"))
 
 
 def _short(exc: BaseException) -> str:
@@ -364,6 +388,11 @@ def session(device: str = "auto") -> Iterator[DistContext]:
         raise DistributedError(f"rank {rank} of {world}: cannot join the process group ({first_line(e)})") from None
     try:
         yield current()
+    except BaseException as e:
+        import traceback
+
+        traceback.clear_frames(e.__traceback__)  # the failed frames' locals (a DDP model) must not outlive the group
+        raise
     finally:
         import gc
 

@@ -8,8 +8,9 @@
 2. ``python -m torch.distributed.run --nproc-per-node 2 -m onnxprune compress ... --steps 1
    --plan-out`` writes the plan one process writes, and only the model, the plan and the
    report appear (rank 0 writes, after recovery ran data-parallel).
-3. A rank that fails (the ``ONNXPRUNE_FAIL_AT`` hook) stops them all: ``compress --nproc 2``
-   (the launcher path) exits non-zero, every rank prints one ``error:`` line, nothing is
+3. A rank that fails (the ``ONNXPRUNE_FAIL_AT`` hook, in fine-tuning during recovery) stops
+   them all: ``compress --nproc 2`` (the launcher path) exits non-zero, every rank prints
+   one ``error:`` line (rank 0: its gradient all-reduce failed), no traceback, nothing is
    written.
 4. In one process: no process group, no torch import, the helpers are identities,
    ``batch_shard`` gives every batch to exactly one rank, ``--nproc`` under torchrun is
@@ -176,12 +177,12 @@ def test_torchrun_compress_writes_the_one_process_plan(tmp_path):
 def test_a_failing_rank_stops_every_rank_and_nothing_is_written(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    res = _run([sys.executable, "-m", "onnxprune"] + COMPRESS[:-4] +
-               ["--no-recover", "-o", out / "pruned.onnx", "--plan-out", out / "plan.json", "--nproc", "2"],
-               tmp_path, ONNXPRUNE_FAIL_AT="score:1")
+    res = _run([sys.executable, "-m", "onnxprune"] + COMPRESS +
+               ["-o", out / "pruned.onnx", "--plan-out", out / "plan.json", "--nproc", "2"],
+               tmp_path, ONNXPRUNE_FAIL_AT="finetune:1")  # rank 1 stops at its first recovery step
     assert res.returncode != 0
     err = res.stderr
-    assert "error: rank 1 of 2: injected failure at score on rank 1" in err
+    assert "error: rank 1 of 2: injected failure at finetune on rank 1" in err
     assert "processes failed" in err and "nothing written" in err
     assert len([ln for ln in err.splitlines() if ln.startswith("error:")]) >= 3, err  # both ranks and the launcher
     assert "Traceback" not in err

@@ -424,7 +424,8 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
                     total_loss = ctx.all_reduce_sum_async(float(loss.detach()))
                     # DDP averages the ranks' gradients: the mean of world * share_r * grad_r is
                     # sum_r share_r * grad_r, the gradient of one process's loss on idx
-                    (loss * ctx.world).backward()
+                    with ctx.collectives("the gradient all-reduce"):
+                        (loss * ctx.world).backward()
                     value = total_loss()
                     if not math.isfinite(value):  # every rank stops here, before the step
                         raise OnnxPruneError(f"fine-tuning diverged at epoch {epoch + 1}, step {k + 1} "
@@ -452,8 +453,8 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
     loss_after = mean_loss() if measure_loss else None
     for p in params:
         p.requires_grad_(False)
-    del model  # releases DDP's hooks on the parameters
     if ctx.world > 1:
+        model = net  # drops DDP (and its hooks on the parameters)
         import gc
 
         gc.collect()  # DDP sits in reference cycles that hold the process group; free it now, not at exit
@@ -522,7 +523,8 @@ def _data_parallel(net: TorchGraph, device: str, params: list[torch.nn.Parameter
     if not any(p.requires_grad for p in params):  # nothing reaches the loss: no gradient to share
         return net
     dev = torch.device(device)
-    return DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+    with current().collectives("DistributedDataParallel's start"):
+        return DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
 
 
 def _global_scales(outputs, reference, ctx: DistContext, *, counted: bool) -> list[torch.Tensor]:
