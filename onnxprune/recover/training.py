@@ -381,7 +381,10 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
         gradient all-reduce."""
         mine = ctx.split(idx)
         x, y, ref = batch(mine if len(mine) else idx[:1], train)
-        outs = run_in_fixed_batches(model if torch.is_grad_enabled() else net, x, fixed, net.output_names)
+        if model is net or not torch.is_grad_enabled():
+            outs = forward_fixed(net, x, fixed)
+        else:  # DDP around net: a module without net's output names
+            outs = tuple(run_in_fixed_batches(model, x, fixed, net.output_names))
         scales = None
         if ctx.world > 1 and loss_fn.kind == "mse":
             scales = _global_scales(outs, ref, ctx, counted=len(mine) > 0)
