@@ -44,6 +44,11 @@ class DataError(OnnxPruneError):
     """Calibration data is missing, malformed or does not fit the model."""
 
 
+class DistributedError(OnnxPruneError):
+    """A multi-process run failed: a collective could not complete (another process stopped
+    or timed out) or the process group could not be formed."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of a library exception's message (its type name if none),
     for the one-line messages of the errors above."""

@@ -1,7 +1,13 @@
 """The compress pipeline: load -> canonicalize -> analyze -> [held-out split] -> steps
 (score -> plan -> apply -> recover -> measure, :mod:`onnxprune.schedule`) -> verify ->
 bench -> report -> save. Each stage is a function of the public API; this module only
-chains them, applies the accuracy guard, times them and collects the report."""
+chains them, applies the accuracy guard, times them and collects the report.
+
+Multi-process runs (:mod:`onnxprune.distributed`: torchrun, ``--nproc``): every rank runs
+:func:`compress` with the same arguments; scoring and recovery are data-parallel, rank 0
+measures (the round_to sweep, latencies, held-out figures) and broadcasts, and after the
+steps rank 0 alone verifies, benchmarks and writes, after the run's last collective (a
+barrier every rank reaches only when it succeeded), so a failing rank leaves no output."""
 
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from onnxprune.runtime.latency import measure_interleaved
 from onnxprune.canonicalize import canonicalize, restore_storage_dtypes
 from onnxprune.criteria import get_criterion
 from onnxprune.data import CalibrationData, data_warnings
+from onnxprune.distributed import DistContext, current
 from onnxprune.errors import DataError, ModelLoadError, OnnxPruneError, PlanError
 from onnxprune.inputs import resolve_input_shapes
 from onnxprune.io import check_model_output, default_output_path, load_model, save_model
@@ -134,13 +141,17 @@ class CompressOptions:
 
 @dataclass(frozen=True)
 class CompressResult:
-    """Outcome of :func:`compress`: the pruned model (also written to ``report.output_path``)."""
+    """Outcome of :func:`compress`: the pruned model (also written to ``report.output_path``).
+
+    In a multi-process run, ranks other than 0 get the same model and plan, ``verify`` and
+    ``report`` None (rank 0 alone verifies and writes).
+    """
 
     model: onnx.ModelProto
     plan: PruningPlan
     analysis: Analysis
-    verify: VerifyResult
-    report: CompressReport
+    verify: VerifyResult | None
+    report: CompressReport | None
 
 
 def prepare(path: str | os.PathLike, input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Prepared:
@@ -188,8 +199,9 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
 
     Raises:
         OnnxPruneError subclasses: bad file, bad shapes, bad data, unreachable target with
-        ``strict_target``, an output path equal to the input, or a failed verification.
-        Nothing is written unless every stage succeeded.
+        ``strict_target``, an output path equal to the input, or a failed verification;
+        DistributedError: another rank of a multi-process run failed.
+        Nothing is written unless every stage succeeded (on every rank).
     """
     if not str(input_path):
         raise ModelLoadError("the model path is empty")
@@ -216,8 +228,9 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
         from onnxprune.runtime.sweep_cache import cached_channel_sweep
 
         with timed(times, "sweep"):
-            sweep = cached_channel_sweep(prep.model, a.shapes, a, provider=options.provider,
-                                         threads=options.threads, use_cache=options.use_cache)
+            sweep = current().on_main(cached_channel_sweep)(  # measured (and cached) by rank 0 alone
+                prep.model, a.shapes, a, provider=options.provider, threads=options.threads,
+                use_cache=options.use_cache)
         plan_opts = dataclasses.replace(plan_opts, round_to=sweep.round_to)
     state, records, warnings, last_search, complete = run.schedule(plan_opts, fixed=not options.never_slower)
 
@@ -231,6 +244,20 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
             raise PlanError(f"target {options.target} is out of reach: reached {options.target.kind.value}="
                             f"{reachable:.3f}")
     pruned = restore_storage_dtypes(state.model, prep.original)
+    ctx = current()
+    if not ctx.is_main:  # rank 0 verifies, benchmarks and writes
+        ctx.barrier()
+        return CompressResult(pruned, final_plan, a, None, None)
+    return _finish(prep, options, run, state, records, warnings, last_search, final_plan, reachable, pruned,
+                   split, sweep, times, input_path, out_path, ctx)
+
+
+def _finish(prep: Prepared, options: CompressOptions, run: ProgressiveRun, state, records, warnings, last_search,
+            final_plan: PruningPlan, reachable: float | None, pruned: onnx.ModelProto, split, sweep,
+            times: dict[str, float], input_path: Path, out_path: Path, ctx: DistContext) -> CompressResult:
+    """Verify, bench, report and save (rank 0 alone in a multi-process run, no collective
+    but the barrier before the save, where the other ranks wait)."""
+    a = prep.analysis
     with timed(times, "verify"):
         result = _verify(prep, final_plan, pruned, recovered=any(r.recovery for r in records), seed=options.seed,
                          data=None if split is None else split.val)
@@ -250,6 +277,7 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
                         f"({lat_before.median_ms:.2f} -> {lat_after.median_ms:.2f} ms median) although it has "
                         f"{macs_after / max(a.count('macs'), 1):.2f}x the MACs")
     held = run.held_out_summary(state, records)
+    ctx.barrier()  # the run's last collective: every rank got here, so nothing failed
     with timed(times, "save"):
         save_model(pruned, out_path, input_path=input_path)
     recovery = next((r.recovery for r in reversed(records) if r.accepted and r.recovery), None)

@@ -7,6 +7,12 @@ analysis and verification).
 measurement), runs the milestones of :mod:`onnxprune.schedule` and applies the guard: a
 step whose held-out figure drops more than ``max_drop`` points is rejected, retried once
 halfway, and the run stops at the last step that holds the bound.
+
+In a multi-process run (:mod:`onnxprune.distributed`) scoring and recovery are
+data-parallel (every rank runs them), while every measurement a decision rests on (the
+original's and every cut's latency, the latency search, the held-out figures) is taken
+by rank 0 alone and broadcast, so every rank takes the same decisions and holds the same
+model after every step.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import numpy as np
 import onnx
 
 from onnxprune.analysis import Analysis
+from onnxprune.distributed import current, fault_point
 from onnxprune.holdout import HeldOutMetric, Split, split_holdout
 from onnxprune.planning import PlanOptions, Target, TargetKind
 from onnxprune.runtime.latency import measure_interleaved, measure_latency
@@ -79,7 +86,9 @@ class ProgressiveRun:
             kw = dict(warmup=options.bench_warmup, repeat=options.bench_repeat, threads=options.threads,
                       seed=options.seed, providers=(options.provider,))
             self._bench_kw = kw
-            self.measure = self._measure
+            self.measure = current().on_main(self._measure)
+        # held-out figures: rank 0 measures, every rank decides on its figure (world 1: the method itself)
+        self.held_out = None if metric is None else current().on_main(metric.measure)
 
     def _measure(self, model: onnx.ModelProto) -> float:
         """Median latency (ms) of ``model``; once the original's is known, timed interleaved
@@ -103,6 +112,7 @@ class ProgressiveRun:
             from onnxprune.pipeline import weights_of
 
             scores = self.criterion.score(analysis, weights_of(model))
+        fault_point("score")
         return scores, getattr(scores, "info", {})
 
     def _recover(self, parent: onnx.ModelProto, parent_analysis: Analysis, pruned: onnx.ModelProto,
@@ -116,12 +126,13 @@ class ProgressiveRun:
             ft = dataclasses.replace(ft, epochs=epochs * (AUTO_FINAL_FACTOR if final else 1))
         rec = recover(parent, pruned, parent_analysis, removed, self.rec_data, recalibrate=o.recalibrate_bn,
                       finetune_options=ft, batch_size=o.batch_size, device=o.device, teacher=self.prep.model,
-                      validate=None if self.metric is None else self.metric.measure)
+                      validate=self.held_out)
         return rec.model, dict(rec.info)
 
     def _latency_search(self, state: State, target: Target, scores, opts: PlanOptions):
         o = self.options
-        self.last_search = search_latency(
+        search = current().on_main(search_latency)  # measured by rank 0; every rank gets its plan and model
+        self.last_search = search(
             state.model, state.model, state.analysis, self.prep.input_shapes, scores, target, opts,
             normalize=self.criterion.normalize, provider=o.provider, threads=o.threads, warmup=o.bench_warmup,
             repeat=o.bench_repeat, seed=o.seed)
@@ -138,7 +149,7 @@ class ProgressiveRun:
         setup = StepSetup(prep.model, prep.analysis, prep.input_shapes, self._score, self.criterion.normalize,
                           plan_opts, round_to_fixed=fixed or self.measure is None,
                           recover=self._recover if recovering else None,
-                          metric=None if self.metric is None else self.metric.measure,
+                          metric=self.held_out,
                           measure=self.measure, original_ms=self.original_ms,
                           latency_search=self._latency_search)
         if o.target is None:
@@ -212,7 +223,8 @@ class ProgressiveRun:
             return run_step(i, Milestone(m.kind, (now + m.kept) / 2), state, setup, round_to, final=True)
 
     def held_out_summary(self, state: State, records) -> dict | None:
-        """The report's ``held_out`` entry: kind, original, final, drop, bound, training figure."""
+        """The report's ``held_out`` entry: kind, original, final, drop, bound, training figure
+        (measured here, without collectives: in a multi-process run rank 0 alone calls this)."""
         if self.metric is None:
             return None
         m = self.metric
@@ -240,6 +252,7 @@ def held_out_split(prep: Prepared, options: CompressOptions) -> tuple[Split | No
         return Split(options.data, options.data, np.arange(len(options.data)), None, "none"), None
     split = split_holdout(options.data, options.val_split, options.seed, options.val_data)
     metric = HeldOutMetric(prep.original, split.val, batch_size=options.batch_size, providers=(options.provider,))
+    metric.original_value = current().broadcast(metric.original_value)  # rank 0's figure is the reference
     return split, metric
 
 

@@ -34,6 +34,10 @@ schedules; the IFSO authors prune during training). Rules the schedule follows:
    The pipeline's accuracy guard (:mod:`onnxprune.pipeline`) decides which step is
    returned; :func:`compose_kept` maps each step's removals back to the original
    channel numbering, so the final plan is a plan of the original model.
+6. **Multi-process runs** (:mod:`onnxprune.distributed`): every rank runs every step;
+   the plan of each cut is rank 0's, broadcast (so every rank applies the same cut), and
+   the measurements in :class:`StepSetup` are expected to be rank 0's, broadcast
+   (:meth:`~onnxprune.distributed.DistContext.on_main`).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ import numpy as np
 import onnx
 
 from onnxprune.analysis import Analysis, analyze
+from onnxprune.distributed import current
 from onnxprune.planning import PlanOptions, PruningPlan, Target, TargetKind, make_plan
 from onnxprune.shapes import measure_shapes
 
@@ -352,6 +357,7 @@ def _cut(state: State, target: Target, scores, setup: StepSetup, round_to: int):
         search = setup.latency_search(state, target, scores, opts)
         return search.plan, search.model, search
     plan = make_plan(state.analysis, scores, target, opts, normalize=setup.normalize)
+    plan = current().broadcast(plan)  # multi-process runs: rank 0's plan is every rank's
     plan.validate(state.analysis)
     pruned = apply_plan(state.model, state.analysis, {g: np.asarray(v) for g, v in plan.removed.items()})
     return plan, pruned, None

@@ -22,6 +22,7 @@ import click
 from onnxprune.cli.analyze import analyze
 from onnxprune.cli.bench import bench
 from onnxprune.cli.compress import compress
+from onnxprune.cli.processes import ARGV_KEY
 from onnxprune.cli.recover import eval_command, finetune_command
 
 #: exit status of a run stopped by Ctrl-C or SIGTERM
@@ -29,7 +30,18 @@ EXIT_INTERRUPTED = 130
 
 
 class OneLineGroup(click.Group):
-    """A click group whose errors are one ``error: ...`` line (see the module docstring)."""
+    """A click group whose errors are one ``error: ...`` line (see the module docstring).
+
+    The command line's arguments are kept in ``ctx.meta`` (``--nproc`` re-launches them,
+    :mod:`onnxprune.cli.processes`).
+    """
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        """click's context, with a copy of ``args`` in ``meta`` before click consumes them."""
+        argv = list(args)
+        ctx = super().make_context(info_name, args, parent=parent, **extra)
+        ctx.meta.setdefault(ARGV_KEY, argv)
+        return ctx
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         """Run the command line; with ``standalone_mode`` (the default) exit with its status."""

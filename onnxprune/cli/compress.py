@@ -1,11 +1,16 @@
 """``onnxprune compress``: prune a model and write it, with a report (a thin wrapper over
-:func:`onnxprune.pipeline.compress`)."""
+:func:`onnxprune.pipeline.compress`).
+
+Under torchrun or with ``--nproc N`` (:mod:`onnxprune.cli.processes`) every process runs
+the pipeline, rank 0 alone prints the report and writes the model, report, plan and plot.
+"""
 
 from __future__ import annotations
 
 import click
 from rich.console import Console
 
+from onnxprune.cli.processes import multi_process
 from onnxprune.cli.options import (data_options, finetune_from, finetune_options, input_shape_option, input_shapes,
                                    int_or_auto, load_data, user_errors)
 from onnxprune.errors import OnnxPruneError
@@ -91,6 +96,7 @@ def _criterion_args(criterion: str, cpmc_a: float, cpmc_b: float, loss: str, ens
               help="infcp: ensemble members (copies fine-tuned on disjoint shards of the data).")
 @click.option("-v", "--verbose", is_flag=True, help="Show every group in the report.")
 @user_errors
+@multi_process
 def compress(model, output, criterion, ratio, target_macs, target_params, scope, round_to, max_layer_ratio,
              exclude, input_shape, report_path, plan_out, plot_path, no_bench, bench_repeat, threads, seed, cpmc_a,
              cpmc_b, strict_target, data_path, image_size, mean, std, scale, channel_order, grayscale, workers,
@@ -155,6 +161,8 @@ def compress(model, output, criterion, ratio, target_macs, target_params, scope,
         never_slower=not fixed_round_to and not no_bench,
         batch_size=batch_size, device=device, provider=checked_provider(provider))
     res = run(model, output, opts)
+    if res.report is None:  # a rank other than 0 of a multi-process run: rank 0 reports and writes
+        return
     res.report.render(Console(), verbose=verbose)
     if report_path:
         res.report.write_json(report_path)

@@ -4,6 +4,10 @@ Errors follow :mod:`onnxprune.cli`: one line ``error: ...`` on stderr, exit code
 written. A Ctrl-C during fine-tuning prints ``error: fine-tuning interrupted; nothing
 written`` and exits with 130; the output model only ever appears complete (written
 atomically after training and verification).
+
+``finetune`` runs data-parallel under torchrun or with ``--nproc N``
+(:mod:`onnxprune.cli.processes`): BN re-calibration and training are shared by the
+processes, rank 0 alone verifies, prints and writes, after the run's last collective.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from onnxprune.batching import declared_input_shape
+from onnxprune.cli.processes import multi_process
 from onnxprune.cli.options import (data_options, finetune_from, finetune_options, input_shape_option, input_shapes,
                                    load_data, user_errors)
 from onnxprune.errors import OnnxPruneError
@@ -90,10 +95,12 @@ def eval_command(model, data_path, image_size, mean, std, scale, channel_order, 
 @input_shape_option
 @click.option("--report", "report_path", type=click.Path(), default=None, help="Write the results as JSON.")
 @user_errors
+@multi_process
 def finetune_command(model, teacher, output, data_path, image_size, mean, std, scale, channel_order, grayscale,
                      workers, strict_data, samples, batch_size, loss, recalibrate_bn, device, seed, input_shape, report_path, **ft):
     """Fine-tune the weights of MODEL (a pruned model) on --data and write them back into ONNX."""
     from onnxprune.canonicalize import canonicalize
+    from onnxprune.distributed import current
     from onnxprune.executor.device import resolve_device
     from onnxprune.inputs import resolve_input_shapes
     from onnxprune.io import check_model_output, check_side_output, load_model, save_model, write_text_atomic
@@ -128,7 +135,12 @@ def finetune_command(model, teacher, output, data_path, image_size, mean, std, s
     except KeyboardInterrupt:
         click.echo("error: fine-tuning interrupted; nothing written", err=True)
         sys.exit(130)
+    ctx = current()
+    if not ctx.is_main:  # rank 0 verifies and writes after the last collective
+        ctx.barrier()
+        return
     check = verify(res.model, tmodel if tmodel is not None else original, shapes, seed=seed)
+    ctx.barrier()  # every rank finished: nothing failed
     written = save_model(res.model, out, input_path=model)
     console = Console()
     t = Table(title=f"Fine-tuned {model} -> {written}", title_justify="left")

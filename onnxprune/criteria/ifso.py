@@ -65,6 +65,13 @@ What the authors' public code (github.com/hrcheng1066/IFSO,
 - The first conv's input mask (the image channels) is zeroed; here the graph input
   is never a prunable group anyway.
 
+Multi-process runs (:mod:`onnxprune.distributed`)
+--------------------------------------------------
+The estimator is nonlinear within a batch (``|u|`` of a batch, steps scaled by
+``1 / ||v||`` of the batch), so batches are never split: every rank scores whole batches
+(global batches ``rank, rank + world, ...``) and the per-channel sums of ``|u|`` (and the
+diagnostics' sums) are all-reduced, so the scores equal one process's.
+
 Deviations (and why)
 --------------------
 - Coupled channels: the authors give each consumer its own mask and add the per-module
@@ -123,6 +130,7 @@ from onnxprune.batching import fixed_batch
 from onnxprune.criteria.calibration import calibration_batches, scoring_setup
 from onnxprune.criteria.gates import channel_gates, group_offsets
 from onnxprune.data import CalibrationData
+from onnxprune.distributed import current
 from onnxprune.errors import OnnxPruneError
 from onnxprune.executor.graph_module import TorchGraph
 from onnxprune.ops.registry import get_handler
@@ -208,7 +216,9 @@ class IFSO:
 
         Raises:
             OnnxPruneError: no data, several graph inputs, an output the loss cannot use,
-                no weights to differentiate, or a non-finite loss or Hessian-vector product.
+                no weights to differentiate, or a non-finite loss or Hessian-vector product;
+                DistributedError: another rank failed (multi-process runs: every rank must
+                call this, and every rank gets the same scores).
         """
         batch_size = self.batch_size if batch_size is None else batch_size
         device = self.device if device is None else device
@@ -221,8 +231,10 @@ class IFSO:
         need_ref = loss_fn.uses_teacher or data.y is None
         acc = torch.zeros(G.shape[0], dtype=torch.float64, device=device)
         v_norms = []
+        ctx = current()
+        part = data if ctx.world == 1 else data.take(ctx.batch_shard(len(data), batch_size)[0])
         try:
-            for b in calibration_batches(data, batch_size, device, teacher=graph if need_ref else None,
+            for b in calibration_batches(part, batch_size, device, teacher=graph if need_ref else None,
                                          fixed=fixed_batch(model)):
                 def loss_at(b=b):
                     return loss_fn(b.forward(graph), b.y, b.reference)
@@ -237,13 +249,15 @@ class IFSO:
             graph.clear_gates()
             for _, p in params:
                 p.requires_grad_(False)
-        raw = acc.cpu().numpy()
+        raw = ctx.all_reduce_sum(acc).cpu().numpy()
+        n_batches, norm_sum = ctx.all_reduce_sum(np.array([len(v_norms), float(np.sum(v_norms))], dtype=np.float64))
+        n_batches = int(n_batches)
         cost = channel_costs(analysis, model, self.normalize_by)
         scores = raw / np.sqrt(cost) if cost is not None else raw
-        info = {"batches": len(v_norms), "loss": loss_fn.kind, "normalize_by": self.normalize_by,
+        info = {"batches": n_batches, "loss": loss_fn.kind, "normalize_by": self.normalize_by,
                 "r": self.r, "lam": self.lam, "weights": self.weights, "weight_tensors": len(params),
-                "hvp_passes": 4 * len(v_norms), "seed": seed,
-                "mean_norm_H_wm_1": float(np.mean(v_norms)) if v_norms else 0.0}
+                "hvp_passes": 4 * n_batches, "seed": seed,
+                "mean_norm_H_wm_1": float(norm_sum / n_batches) if n_batches else 0.0}
         return Scores({g.id: scores[offsets[g.id]:offsets[g.id + 1]].astype(np.float64)
                        for g in analysis.groups if g.prunable}, info)
 

@@ -69,6 +69,12 @@ mean and variance (statistics: zeroing them is not what removing the channel doe
 ``w * dL/dw`` of a variance is not a removal term). Fine-tuning trains exactly the
 weights recovery trains (:func:`onnxprune.recover.training.trainable_initializers`):
 never those statistics, Resize scales, Pad values, Clip bounds or shape constants.
+
+Multi-process runs (:mod:`onnxprune.distributed`): the ensemble is split by member, not
+by sample: rank r builds, fine-tunes and measures the members ``k = r, r + world, ...``
+(each on its own shard, with its own seeds, exactly as one process does), and the member
+scores are all-reduced, so every rank gets the K members of a one-process run and the same
+mean and spread. With more ranks than members the extra ranks idle.
 """
 
 from __future__ import annotations
@@ -88,6 +94,7 @@ from onnxprune.batching import fixed_batch
 from onnxprune.criteria.calibration import calibration_batches, scoring_setup
 from onnxprune.criteria.loss import Loss
 from onnxprune.data import CalibrationData
+from onnxprune.distributed import current
 from onnxprune.errors import OnnxPruneError
 from onnxprune.executor.graph_module import TorchGraph
 from onnxprune.recover.training import trainable_initializers
@@ -263,7 +270,8 @@ class InfCP:
         Raises:
             OnnxPruneError: no data or fewer samples than members, bad settings, several
                 graph inputs, or an output the loss cannot use (``ce``/``kl`` on a first
-                output that is not [N, classes]).
+                output that is not [N, classes]); DistributedError: another rank failed
+                (multi-process runs: every rank must call this and gets the same scores).
         """
         batch_size = self.batch_size if batch_size is None else batch_size
         device = self.device if device is None else device
@@ -284,18 +292,23 @@ class InfCP:
         fixed = fixed_batch(model)
         reducer = _ChannelReducer(analysis, {n for n, _ in teacher.named_onnx_parameters()} - frozen, device)
 
-        members, steps_done = [], []
+        ctx = current()
+        flat = np.zeros((len(shards), reducer.total), dtype=np.float64)  # member k's scores, row k
+        steps_done = np.zeros(len(shards), dtype=np.int64)
         for k, idx in enumerate(shards):
+            if k % ctx.world != ctx.rank:
+                continue  # another rank's member
             shard = data.take(idx) if use_labels else data.take(idx).without_labels()
             gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + k)
             rng = np.random.default_rng([seed, k])
             member = copy.deepcopy(teacher)
             steps = 0 if sampled else self._finetune(member, ref, shard, loss_fn, trainable, batch_size, device, rng,
                                                                 fixed)
-            steps_done.append(steps)
-            members.append(reducer.split(self._influence(member, ref, shard, loss_fn, reducer, batch_size,
-                                                         device, gen, sampled, fixed)))
+            steps_done[k] = steps
+            flat[k] = self._influence(member, ref, shard, loss_fn, reducer, batch_size, device, gen, sampled, fixed)
             del member
+        flat, steps_done = ctx.all_reduce_sum(flat), ctx.all_reduce_sum(steps_done)
+        members = [reducer.split(row) for row in flat]
         scores = {gid: np.mean([m[gid] for m in members], axis=0) for gid in members[0]}
         info: dict = {"members": len(members), "finetune_steps": int(max(steps_done)),
                       "loss": ("kl (labels sampled from the original's softmax; no fine-tuning)"

@@ -107,9 +107,12 @@ def _scale(r: torch.Tensor) -> torch.Tensor:
 class Loss:
     """A resolved loss: ``kind`` is ``ce``, ``kl`` or ``mse`` (see the module docstring).
 
-    ``loss(outputs, labels=None, reference=None)`` returns a scalar, the mean over the
-    batch. ``outputs`` / ``reference``: the model's outputs on a batch (a tensor or a
-    sequence in graph-output order, float, batch first); ``labels``: int [N] or None.
+    ``loss(outputs, labels=None, reference=None, scales=None)`` returns a scalar, the mean
+    over the batch. ``outputs`` / ``reference``: the model's outputs on a batch (a tensor or
+    a sequence in graph-output order, float, batch first); ``labels``: int [N] or None;
+    ``scales`` (``mse`` only): the variance to divide each floating-point output's term by,
+    in output order, instead of the batch reference's own (a data-parallel step passes the
+    variance of the whole global batch, of which this rank holds a part).
 
     Raises (at call time):
         OnnxPruneError: ``ce``/``kl`` on a first output that is not 2-D, labels whose
@@ -124,7 +127,7 @@ class Loss:
         return self.kind in TEACHER_KINDS
 
     def __call__(self, outputs: Outputs, labels: torch.Tensor | None = None,
-                 reference: Outputs | None = None) -> torch.Tensor:
+                 reference: Outputs | None = None, scales: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         if self.kind == "ce":
             logits = _logits(outputs, "ce")
             if labels is None:
@@ -137,8 +140,11 @@ class Loss:
             return F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(ref, dim=1), log_target=True,
                             reduction="batchmean")
         total = None
-        for o, r in _float_pairs(outputs, reference):
-            term = F.mse_loss(o, r) / _scale(r)
+        pairs = _float_pairs(outputs, reference)
+        if scales is not None and len(scales) != len(pairs):
+            raise OnnxPruneError(f"{len(scales)} scales for {len(pairs)} floating-point outputs")
+        for i, (o, r) in enumerate(pairs):
+            term = F.mse_loss(o, r) / (_scale(r) if scales is None else scales[i])
             total = term if total is None else total + term
         return total
 

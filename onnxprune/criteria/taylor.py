@@ -14,6 +14,11 @@ so the score estimates the Fisher diagonal of the gates (Theis et al. 2018), the
 teacher loss's second-order change: the squared gradient of the batch's *summed*
 sampled loss, whose expectation is the sum of the per-sample Fisher terms. ``loss="ce"`` without labels uses the original's
 argmax as pseudo-labels instead.
+
+Multi-process runs (:mod:`onnxprune.distributed`): every rank scores whole batches (global
+batches ``rank, rank + world, ...``) and the per-channel sums are all-reduced, so the
+scores equal one process's. The targets drawn for the teacher losses come from a
+generator seeded per batch (``seed`` and the batch's index), whatever rank draws them.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from onnxprune.batching import fixed_batch
 from onnxprune.criteria.calibration import calibration_batches, scoring_setup
 from onnxprune.criteria.gates import channel_gates
 from onnxprune.data import CalibrationData
+from onnxprune.distributed import current
 from onnxprune.errors import OnnxPruneError
 
 
@@ -67,11 +73,13 @@ class Taylor:
             batch_size / device / seed: override the instance's settings.
 
         Returns:
-            ``{group id: float64 [group.size]}`` for every prunable group.
+            ``{group id: float64 [group.size]}`` for every prunable group (the same on
+            every rank of a multi-process run: every rank must call this).
 
         Raises:
             OnnxPruneError: no data, several graph inputs, or an output the loss cannot use
-                (``ce``/``kl`` on a first output that is not [N, classes]).
+                (``ce``/``kl`` on a first output that is not [N, classes]);
+                DistributedError: another rank failed (multi-process runs).
         """
         batch_size = self.batch_size if batch_size is None else batch_size
         device = self.device if device is None else device
@@ -79,8 +87,14 @@ class Taylor:
         graph, loss_fn = scoring_setup("taylor", model, data, self.loss, device)
         G, offsets = channel_gates(analysis, graph, device, model=model)
         acc = torch.zeros(G.shape[0], dtype=torch.float64, device=device)
-        gen = torch.Generator(device=device).manual_seed(seed)
-        for b in calibration_batches(data, batch_size, device, fixed=fixed_batch(model)):
+        gen = torch.Generator(device=device)
+        ctx = current()
+        part, batch_ids = data, range(-(-len(data) // max(int(batch_size), 1)))
+        if ctx.world > 1:  # whole batches per rank: a batch's squared gradient is not a sum over its samples
+            rows, batch_ids = ctx.batch_shard(len(data), batch_size)
+            part = data.take(rows)
+        for batch_id, b in zip(batch_ids, calibration_batches(part, batch_size, device, fixed=fixed_batch(model))):
+            gen.manual_seed(seed + 1_000_003 * int(batch_id))  # batch 0: the seed itself
             out = b.forward(graph)
             ref = tuple(o.detach() for o in out)  # gates are all one: the original's outputs
             n = b.x.shape[0]
@@ -98,5 +112,5 @@ class Taylor:
             if grad is not None:
                 acc += weight * grad.detach().to(torch.float64) ** 2
         graph.clear_gates()
-        scores = acc.cpu().numpy()
+        scores = ctx.all_reduce_sum(acc).cpu().numpy()
         return {g.id: scores[offsets[g.id]:offsets[g.id + 1]].copy() for g in analysis.groups if g.prunable}

@@ -1,4 +1,8 @@
-"""Where the torch side runs: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``."""
+"""Where the torch side runs: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
+
+In a multi-process run (:mod:`onnxprune.distributed`), ``auto`` and ``cuda`` mean the GPU
+of the process's ``LOCAL_RANK`` (``cuda:<local rank>``), one GPU per process.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ from onnxprune.errors import OnnxPruneError
 
 
 def resolve_device(name: str = "auto") -> str:
-    """The torch device string for ``name``.
+    """The torch device string for ``name`` (``cuda:<local rank>`` for ``auto`` / ``cuda``
+    with CUDA in a multi-process run).
 
     Raises:
         OnnxPruneError: ``cuda`` was asked for but torch sees no CUDA device, or the
@@ -14,6 +19,11 @@ def resolve_device(name: str = "auto") -> str:
     """
     import torch
 
+    from onnxprune.distributed import current
+
+    ctx = current()
+    if ctx.world > 1 and name in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{ctx.local_rank}"
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":

@@ -60,10 +60,11 @@ from onnx import helper, numpy_helper
 from onnxprune.analysis.groups import Analysis
 from onnxprune.batching import fixed_batch, fixed_chunks, require_one_input
 from onnxprune.data import CalibrationData
+from onnxprune.distributed import current
 from onnxprune.errors import OnnxPruneError
 from onnxprune.executor.graph_module import TorchGraph
 from onnxprune.ops.registry import get_evaluator, get_handler
-from onnxprune.recover.bn import RunningStats
+from onnxprune.recover.bn import RunningStats, all_reduce_stats
 
 __all__ = ["BiasCompensation", "Site", "activation_means", "activation_moments", "compensate_bias", "removed_sites"]
 
@@ -159,15 +160,20 @@ def activation_moments(model: onnx.ModelProto, sites: list[Site], data: Calibrat
     Returns:
         ``{(node, input index): (mean, std)}``, each float64 [positions along the axis]
         (over the batch and every axis but the channel axis; std is the population one).
+        In a multi-process run each rank passes its shard (``data.shard(rank, world)``) and
+        the moments are combined exactly (:func:`onnxprune.recover.bn.all_reduce_stats`):
+        every rank must call this and gets one process's result.
 
     Raises:
         OnnxPruneError: no samples or several graph inputs; UnsupportedModelError: an op
-        the torch executor lacks.
+        the torch executor lacks; DistributedError: another rank failed.
     """
     if not sites:
         return {}
     if len(data) == 0:
         raise OnnxPruneError("bias compensation needs at least one calibration sample")
+    ctx = current()
+    data = data.shard(ctx.rank, ctx.world)  # moments are sums over samples: the ranks' parts add up
     graph = TorchGraph(model, requires_grad=False).to(device)
     require_one_input(graph.input_names, "bias compensation")
     by_node: dict[str, list[Site]] = {}
@@ -195,6 +201,10 @@ def activation_moments(model: onnx.ModelProto, sites: list[Site], data: Calibrat
             for chunk, real in fixed_chunks(torch.from_numpy(np.ascontiguousarray(x)).to(device), fixed):
                 rows[0] = real
                 graph(chunk)
+    all_reduce_stats([stats[(s.node, s.index)] for s in sites], [len(s.removed) for s in sites], ctx)
+    for (node, index), v in stats.items():
+        if v.count == 0:
+            raise OnnxPruneError(f"bias compensation: input {index} of node {node} saw no value")
     return {k: (v.mean, np.sqrt(np.maximum(v.var, 0.0))) for k, v in stats.items()}
 
 

@@ -31,10 +31,16 @@ Rules :func:`recalibrate_bn` follows:
   variance of all samples, not a momentum average).
 - Only the BN's mean and variance initializers change (scale, bias, epsilon and the
   graph stay); an initializer shared with another node is given a fresh name first.
+- Multi-process runs (:mod:`onnxprune.distributed`): each rank passes its shard
+  (``data.shard(rank, world)``) and after every pass the statistics of all ranks are
+  combined exactly (:func:`all_reduce_stats`: counts and sums, then the squared
+  deviations around the global mean; never a mean of means), so every rank writes the
+  statistics one process would.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,10 +50,11 @@ from onnx import numpy_helper
 
 from onnxprune.batching import fixed_batch, fixed_chunks, require_one_input
 from onnxprune.data import CalibrationData
+from onnxprune.distributed import DistContext, current
 from onnxprune.errors import OnnxPruneError
 from onnxprune.executor.graph_module import TorchGraph
 
-__all__ = ["BNRecalibration", "RunningStats", "fixed_batch", "recalibrate_bn"]
+__all__ = ["BNRecalibration", "RunningStats", "all_reduce_stats", "fixed_batch", "recalibrate_bn"]
 
 
 class RunningStats:
@@ -83,9 +90,61 @@ class RunningStats:
     def mean(self) -> np.ndarray:
         return self._mean.cpu().numpy()
 
+    def set(self, count: int, mean: torch.Tensor | None, m2: torch.Tensor | None) -> None:
+        """Replace the state: ``count`` values per channel, float64 [C] ``mean`` and sum of
+        squared deviations ``m2`` (None, None when nothing was seen)."""
+        self.count, self._mean, self._m2 = int(count), mean, m2
+
     @property
     def var(self) -> np.ndarray:
         return (self._m2 / max(self.count, 1)).cpu().numpy()
+
+
+def all_reduce_stats(stats: Sequence[RunningStats], sizes: Sequence[int], ctx: DistContext) -> None:
+    """Make every ``stats[i]`` (this rank's values) the statistics of all ranks' values, in place.
+
+    Exact: the counts and per-channel sums are all-reduced first (global mean), then each
+    rank's squared deviations about its own mean plus ``n_r (mean_r - mean)^2`` (Chan's
+    combination), all in float64. A rank that saw nothing contributes zeros. Nothing
+    happens at world 1.
+
+    Args:
+        stats: this rank's statistics, in the same order on every rank.
+        sizes: the channel count of each (known from the model, so a rank that saw no
+            value still sends a buffer of the right size).
+        ctx: the process's :class:`~onnxprune.distributed.DistContext`.
+
+    Raises:
+        OnnxPruneError: a statistic whose channel count differs from ``sizes``;
+        DistributedError: another rank failed.
+    """
+    if ctx.world == 1 or not stats:
+        return
+    offsets = np.cumsum([0] + [1 + int(c) for c in sizes])
+    first = np.zeros(int(offsets[-1]), dtype=np.float64)  # per stat: count, then the per-channel sums
+    for s, c, o in zip(stats, sizes, offsets):
+        if s.count:
+            if s._mean.numel() != int(c):
+                raise OnnxPruneError(f"statistics of {s._mean.numel()} channels where the model has {c}")
+            first[o] = s.count
+            first[o + 1:o + 1 + c] = s.mean * s.count
+    first = ctx.all_reduce_sum(first)
+    second = np.zeros(int(offsets[-1]), dtype=np.float64)  # per stat: unused slot, then the m2 terms
+    means = []
+    for s, c, o in zip(stats, sizes, offsets):
+        total = first[o]
+        mean = first[o + 1:o + 1 + c] / total if total else np.zeros(c)
+        means.append(mean)
+        if s.count:
+            second[o + 1:o + 1 + c] = (s._m2.cpu().numpy() + s.count * (s.mean - mean) ** 2)
+    second = ctx.all_reduce_sum(second)
+    for s, c, o, mean in zip(stats, sizes, offsets, means):
+        total = int(round(first[o]))
+        if total == 0:
+            s.set(0, None, None)
+            continue
+        device = s._mean.device if s._mean is not None else "cpu"
+        s.set(total, torch.from_numpy(mean).to(device), torch.from_numpy(second[o + 1:o + 1 + c].copy()).to(device))
 
 
 @dataclass(frozen=True)
@@ -190,16 +249,19 @@ def recalibrate_bn(model: onnx.ModelProto, data: CalibrationData, *, batch_size:
     Returns:
         :class:`BNRecalibration` (``samples`` = N, every sample is used); ``nodes`` is
         empty (and ``model`` an unchanged copy) when the model has no BatchNormalization node.
+        In a multi-process run every rank must call this and gets the same result.
 
     Raises:
         OnnxPruneError: no samples, batch_size < 1, several graph inputs, a node failing in
         torch, or a BN channel that saw no value; UnsupportedModelError: an op the torch
-        executor lacks.
+        executor lacks; DistributedError: another rank failed.
     """
     if len(data) == 0:
         raise OnnxPruneError("BN re-calibration needs at least one calibration sample")
     if int(batch_size) < 1:
         raise OnnxPruneError(f"--batch-size must be >= 1, got {batch_size}")
+    ctx = current()
+    data = data.shard(ctx.rank, ctx.world)  # statistics are sums over samples: any split adds up
     out = onnx.ModelProto()
     out.CopyFrom(model)
     inits = {t.name: t for t in out.graph.initializer}
@@ -210,6 +272,7 @@ def recalibrate_bn(model: onnx.ModelProto, data: CalibrationData, *, batch_size:
     require_one_input(graph.input_names, "BN re-calibration")
     fixed = fixed_batch(out)
     depth = _depths(out, nodes)
+    by_name = {n.name: n for n in nodes}
     stats = {n.name: RunningStats() for n in nodes}
     new: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     rows = [0]
@@ -236,6 +299,8 @@ def recalibrate_bn(model: onnx.ModelProto, data: CalibrationData, *, batch_size:
                     except _PassDone:
                         pass
                     samples += real
+        all_reduce_stats([stats[name] for name in level], [int(inits[by_name[name].input[1]].dims[0])
+                                                          for name in level], ctx)
         for name in level:  # later passes see this level with its new statistics
             s = stats[name]
             if s.count == 0:
@@ -263,4 +328,4 @@ def recalibrate_bn(model: onnx.ModelProto, data: CalibrationData, *, batch_size:
                 uses[name] -= 1
             else:
                 inits[name].CopyFrom(numpy_helper.from_array(value.astype(dtype), name))
-    return BNRecalibration(out, tuple(n.name for n in nodes), samples, shift)
+    return BNRecalibration(out, tuple(n.name for n in nodes), ctx.all_reduce_sum(samples), shift)

@@ -45,6 +45,17 @@ Rules :func:`finetune` follows:
 - Nothing is written here: the trained model is returned (the callers save it atomically
   with :func:`onnxprune.io.save_model` only after training completed), so a Ctrl-C or an
   exception during training leaves no file behind.
+- Multi-process runs (:mod:`onnxprune.distributed`, torchrun or ``--nproc``): the global
+  batch stays ``batch_size`` and its order the one-process order; each step's sorted
+  index array ``idx`` is split by rank (``idx[rank::world]``), each rank's mean loss is
+  weighted by its share of ``idx``, and the model is wrapped in DistributedDataParallel
+  (the TorchGraph is an ``nn.Module``), whose gradient all-reduce then gives every rank
+  the gradient of one process's step (float tolerance); the ``mse`` loss divides by the
+  variance of the whole global batch's reference (all-reduced). The loss shown, the
+  divergence check, early stopping (``validate`` is evaluated on rank 0 and broadcast)
+  and the returned model are the same on every rank. Augmentation draws its views per
+  rank (mixup / cutmix mix within a rank's part), so with ``augment`` a run is
+  statistically equivalent, not equal, to one process.
 """
 
 from __future__ import annotations
@@ -58,10 +69,11 @@ import numpy as np
 import onnx
 import torch
 
-from onnxprune.batching import fixed_batch, forward_fixed, require_one_input, value_info_dims
+from onnxprune.batching import fixed_batch, forward_fixed, require_one_input, run_in_fixed_batches, value_info_dims
 from onnxprune.criteria.calibration import first_output_rank
 from onnxprune.criteria.loss import Loss, resolve_loss
 from onnxprune.data import BatchRequest, CalibrationData, Fetched, batch_seed, fetch_batches
+from onnxprune.distributed import DistContext, current, fault_point
 from onnxprune.errors import OnnxPruneError, UnsupportedModelError
 from onnxprune.executor.graph_module import TorchGraph
 from onnxprune.inputs import graph_inputs
@@ -290,11 +302,14 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
     Returns:
         :class:`FinetuneResult`.
 
+    Multi-process runs (module docstring): every rank must call this with the same
+    arguments; each trains on its part of every step's batch and all return the same model.
+
     Raises:
         OnnxPruneError: no samples, no labels and no teacher, several graph inputs, a
             loss the outputs cannot take, a teacher whose interface differs, a
             non-finite loss (lower the learning rate); UnsupportedModelError: an op the
-            torch executor lacks.
+            torch executor lacks; DistributedError: another rank failed.
     """
     from onnxprune.executor.device import resolve_device
 
@@ -319,6 +334,9 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
         raise UnsupportedModelError(f"fine-tuning needs float32 weights, the model has {', '.join(odd)} weights")
     for p in params:
         p.requires_grad_(True)
+    ctx = current()
+    if validate is not None:
+        validate = ctx.on_main(validate)  # rank 0 measures, every rank takes the same decision
     tnet = None
     if teacher is not None:
         tnet = TorchGraph(teacher, requires_grad=False).to(device).eval()
@@ -346,28 +364,65 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
         return [BatchRequest(idx, batch_seed(options.seed, epoch, k) if aug else None) for k, idx in enumerate(chunks)]
 
     def fetched(chunks: list[np.ndarray], epoch: int | None = None):
-        """(idx, batch) per step: the samples ``idx`` read (in worker processes for lazy data),
-        bad ones dropped, augmented there for training (one view for the student and the
-        teacher alike)."""
-        return zip(chunks, fetch_batches(data, requests(chunks, epoch), augment=augment if epoch is not None else None))
+        """(idx, batch, local count, global count) per step. Each rank reads only its part
+        ``idx[rank::world]`` of the step's batch ``idx`` (in worker processes for lazy data;
+        bad samples dropped; augmented there for training, one view for the student and the
+        teacher alike); the counts are the good samples read here and by all ranks. A rank
+        whose part is empty reads ``idx[:1]`` as a stand-in and counts 0 (it still joins
+        DDP's gradient all-reduce, with weight 0)."""
+        parts = [ctx.split(c) for c in chunks]
+        stand_in = [len(p) == 0 for p in parts]
+        reads = [c[:1] if empty else p for c, p, empty in zip(chunks, parts, stand_in)]
+        batches = fetch_batches(data, requests(reads, epoch), augment=augment if epoch is not None else None)
+        for idx, f, empty in zip(chunks, batches, stand_in):
+            mine = 0 if empty else len(f.x)
+            yield idx, f, mine, int(ctx.all_reduce_sum(mine))
 
-    def loss_on(f: Fetched) -> torch.Tensor:
-        """Mean loss of one step's batch, run as the model can take it."""
-        x = torch.from_numpy(f.x).to(device)
-        y = None if f.y is None else torch.from_numpy(f.y).to(device)
+    def inputs(f: Fetched):
+        """(x, y, teacher outputs) of a batch as tensors; a batch left empty by bad samples
+        becomes one zero sample (a weight-0 stand-in for the collectives)."""
+        fx, fy = f.x, f.y
+        if not len(fx):
+            fx = np.zeros((1,) + tuple(data.x.shape[1:]), dtype=np.float32)
+            fy = None if data.y is None else np.zeros(1, dtype=np.int64)
+        x = torch.from_numpy(fx).to(device)
+        y = None if fy is None else torch.from_numpy(fy).to(device)
         ref = None
         if tnet is not None:
             with torch.no_grad():
                 ref = tuple(t.detach() for t in forward_fixed(tnet, x, tfixed))
-        return _loss(loss_fn, forward_fixed(net, x, fixed), y, ref, options.temperature)
+        return x, y, ref
+
+    model = net  # what a training step runs: net, or DDP around it
+    if ctx.world > 1:
+        def probe() -> torch.Tensor:  # one sample's loss, the same on every rank, no collective
+            f = next(iter(fetch_batches(data, [BatchRequest(np.arange(1), None)])))
+            x, y, ref = inputs(f)
+            return _loss(loss_fn, forward_fixed(net, x, fixed), y, ref, options.temperature)
+
+        model = _data_parallel(net, device, params, probe)
+
+    def loss_on(f: Fetched, weight: float) -> torch.Tensor:
+        """This rank's term of the mean loss of one step's batch, run as the model can take
+        it: the mean loss of the samples it read times ``weight``, their share of the
+        samples all ranks read (the terms add up to one process's loss; 1 at world 1)."""
+        x, y, ref = inputs(f)
+        if model is net or not torch.is_grad_enabled():
+            outs = forward_fixed(net, x, fixed)
+        else:  # DDP around net: a module without net's output names
+            outs = tuple(run_in_fixed_batches(model, x, fixed, net.output_names))
+        scales = None
+        if ctx.world > 1 and loss_fn.kind == "mse":
+            scales = _global_scales(outs, ref, ctx, counted=weight > 0)
+        return _loss(loss_fn, outs, y, ref, options.temperature, scales) * weight
 
     def mean_loss() -> float:
         total_loss, count = 0.0, 0
         with torch.no_grad():
-            for _, f in fetched([np.arange(i, min(i + bs, n)) for i in range(0, n, bs)]):
-                if len(f.x):
-                    total_loss += float(loss_on(f)) * len(f.x)
-                    count += len(f.x)
+            for _, f, mine, everyone in fetched([np.arange(i, min(i + bs, n)) for i in range(0, n, bs)]):
+                if everyone:
+                    total_loss += float(ctx.all_reduce_sum(float(loss_on(f, mine / everyone)))) * everyone
+                    count += everyone
         return total_loss / max(count, 1)
 
     loss_before = mean_loss() if measure_loss else None
@@ -378,28 +433,41 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
     epoch_losses: list[float] = []
     t0 = time.perf_counter()
     step = 0
-    with _progress(options.progress) as bar:
+    with _progress(options.progress and ctx.is_main) as bar:
         task = bar.add_task("fine-tune", total=total, loss="")
         for epoch in range(int(options.epochs)):
             order = torch.randperm(n, generator=gen).numpy()
             running, seen = 0.0, 0
             chunks = [np.sort(order[i:i + bs]) for i in range(0, n, bs)]
-            for k, (idx, f) in enumerate(fetched(chunks, epoch)):
-                if not len(f.x):  # every sample of the batch was bad (counted, warned)
+            for k, (idx, f, mine, everyone) in enumerate(fetched(chunks, epoch)):
+                fault_point("finetune")
+                if not everyone:  # every sample of the batch was bad (counted, warned), on every rank
                     bar.update(task, advance=1)
                     continue
                 opt.zero_grad(set_to_none=True)
-                loss = loss_on(f)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise OnnxPruneError(f"fine-tuning diverged at epoch {epoch + 1}, step {k + 1} "
-                                         f"(loss {value}); lower --lr")
-                loss.backward()
+                loss = loss_on(f, mine / everyone)
+                if ctx.world == 1:
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise OnnxPruneError(f"fine-tuning diverged at epoch {epoch + 1}, step {k + 1} "
+                                             f"(loss {value}); lower --lr")
+                    loss.backward()
+                else:
+                    # the global batch's loss, the same on every rank, summed while the step runs
+                    total_loss = ctx.all_reduce_sum_async(float(loss.detach()))
+                    # DDP averages the ranks' gradients: the mean of world * share_r * grad_r is
+                    # sum_r share_r * grad_r, the gradient of one process's loss on the batch
+                    with ctx.collectives("the gradient all-reduce"):
+                        (loss * ctx.world).backward()
+                    value = total_loss()
+                    if not math.isfinite(value):  # every rank stops here, before the step
+                        raise OnnxPruneError(f"fine-tuning diverged at epoch {epoch + 1}, step {k + 1} "
+                                             f"(loss {value}); lower --lr")
                 opt.step()
                 sched.step()
                 step += 1
-                running += value * len(f.x)
-                seen += len(f.x)
+                running += value * everyone
+                seen += everyone
                 bar.update(task, advance=1, description=f"fine-tune epoch {epoch + 1}/{options.epochs}",
                            loss=f"loss {running / seen:.4g}")
                 if callback is not None:
@@ -418,12 +486,19 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
     loss_after = mean_loss() if measure_loss else None
     for p in params:
         p.requires_grad_(False)
+    if ctx.world > 1:
+        model = net  # drops DDP (and its hooks on the parameters)
+        import gc
+
+        gc.collect()  # DDP sits in reference cycles that hold the process group; free it now, not at exit
     extra: dict = {}
     if validate is not None:
         trained = best_model
         extra = {"val_by_epoch": val_by_epoch, "best_epoch": best_epoch}
     else:
         trained = net.write_back(student)
+    if ctx.world > 1:
+        extra["processes"] = ctx.world
     return FinetuneResult(trained, loss_fn.kind, loss_before, loss_after, tuple(epoch_losses), step,
                           tuple(names), str(device), seconds, extra)
 
@@ -448,11 +523,71 @@ def lr_factor(schedule: str, total: int, warmup: int) -> Callable[[int], float]:
     return f
 
 
-def _loss(loss_fn: Loss, outputs, y, ref, temperature: float) -> torch.Tensor:
-    """``loss_fn`` with the ``kl`` temperature applied (T^2-scaled, Hinton et al. 2015)."""
+def _loss(loss_fn: Loss, outputs, y, ref, temperature: float, scales=None) -> torch.Tensor:
+    """``loss_fn`` with the ``kl`` temperature applied (T^2-scaled, Hinton et al. 2015);
+    ``scales``: the ``mse`` variances (:func:`_global_scales`) or None."""
     if loss_fn.kind == "kl" and temperature != 1.0:
         t = float(temperature)
         outs = (outputs[0] / t,) + tuple(outputs[1:])
         refs = (ref[0] / t,) + tuple(ref[1:])
         return loss_fn(outs, y, refs) * (t * t)
+    if scales is not None:
+        return loss_fn(outputs, y, ref, scales=scales)
     return loss_fn(outputs, y, ref)
+
+
+def _data_parallel(net: TorchGraph, device: str, params: list[torch.nn.Parameter],
+                   probe: Callable[[], torch.Tensor]) -> torch.nn.Module:
+    """``net`` in DistributedDataParallel (gradients averaged over the ranks during backward).
+
+    A trainable initializer may not reach the loss (a constant that only feeds a
+    comparison or a shape, an output the loss ignores): DDP would wait for its gradient
+    forever. ``probe()`` (one sample's loss) finds them: they are set to
+    ``requires_grad=False``, as one process leaves their gradient None (the optimizer
+    skips them either way), so DDP needs no per-step search for unused parameters (an
+    ONNX graph evaluated by TorchGraph has no data-dependent control flow).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    grads = torch.autograd.grad(probe(), params, allow_unused=True)
+    for p, g in zip(params, grads):
+        if g is None:
+            p.requires_grad_(False)
+    if not any(p.requires_grad for p in params):  # nothing reaches the loss: no gradient to share
+        return net
+    dev = torch.device(device)
+    with current().collectives("DistributedDataParallel's start"):
+        return DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def _global_scales(outputs, reference, ctx: DistContext, *, counted: bool) -> list[torch.Tensor]:
+    """The ``mse`` loss's variance of each floating-point reference output over the whole
+    global batch (every rank's part; one process computes it on the batch it holds).
+
+    Exact two-pass combination in float64 (counts and sums, then squared deviations about
+    the global mean); ``counted`` False: this rank's part is a stand-in sample and adds
+    nothing. Floored at 1e-12, 1.0 for a single element, as for one process.
+
+    Raises:
+        DistributedError: another rank failed.
+    """
+    outs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+    refs = (reference,) if isinstance(reference, torch.Tensor) else tuple(reference)
+    pairs = [r.detach() for o, r in zip(outs, refs) if o.is_floating_point()]
+    first = np.zeros(2 * len(pairs), dtype=np.float64)
+    if counted:
+        for i, r in enumerate(pairs):
+            first[2 * i], first[2 * i + 1] = r.numel(), float(r.double().sum())
+    first = ctx.all_reduce_sum(first)
+    means = first[1::2] / np.maximum(first[0::2], 1)
+    dev = np.zeros(len(pairs), dtype=np.float64)
+    if counted:
+        for i, r in enumerate(pairs):
+            dev[i] = float(((r.double() - means[i]) ** 2).sum())
+    dev = ctx.all_reduce_sum(dev)
+    out = []
+    for i, r in enumerate(pairs):
+        count = first[2 * i]
+        var = max(dev[i] / count, 1e-12) if count > 1 else 1.0
+        out.append(torch.tensor(var, dtype=r.dtype if r.is_floating_point() else torch.float32, device=r.device))
+    return out
