@@ -281,3 +281,15 @@ def test_global_mse_scale_of_one_process_is_the_batch_variance():
     got = _global_scales(outs, ref, LOCAL, counted=True)
     for g, r in zip(got, ref):
         assert abs(float(g) - float(_scale(r))) <= 1e-6 * float(_scale(r))
+
+
+def test_eval_under_torchrun_reports_once(tmp_path):
+    """eval is one process's job: under a 2-process launch only rank 0 prints and writes."""
+    report = tmp_path / "eval.json"
+    res = _run(LAUNCH + ["-m", "onnxprune", "eval", MODEL, "--data", SAMPLES, "--samples", "64",
+                         "--report", report], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("accuracy") >= 1 and report.exists()
+    one = _run([sys.executable, "-m", "onnxprune", "eval", MODEL, "--data", SAMPLES, "--samples", "64"], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert res.stdout.count("accuracy") == one.stdout.count("accuracy")  # not once per rank

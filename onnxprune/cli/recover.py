@@ -13,6 +13,7 @@ processes, rank 0 alone verifies, prints and writes, after the run's last collec
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +52,10 @@ def _warn_bad(data) -> None:
 def eval_command(model, data_path, image_size, mean, std, scale, channel_order, grayscale, workers, strict_data,
                  samples, reference, report_path, batch_size, seed):
     """Top-1 accuracy of MODEL on --data (with labels) and its fidelity to --reference, in onnxruntime."""
+    from onnxprune.distributed import launched_by_torchrun
+
+    if launched_by_torchrun() and os.environ.get("RANK", "0") != "0":
+        return  # onnxruntime evaluation is one process's job: under torchrun rank 0 prints and writes
     from onnxprune.evaluate import evaluate
     from onnxprune.io import check_side_output, load_model, write_text_atomic
     from onnxprune.recover.training import check_teacher
