@@ -243,7 +243,13 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
         if options.strict_target:
             raise PlanError(f"target {options.target} is out of reach: reached {options.target.kind.value}="
                             f"{reachable:.3f}")
-    pruned = restore_storage_dtypes(state.model, prep.original)
+    if not any(len(v) for v in final_plan.removed.values()):
+        # nothing was cut: the input as it came (its canonical form can run slower in
+        # onnxruntime, and recovery of an uncut model is the original distilled into itself)
+        pruned = prep.original
+        warnings.append("no channel was removed: the written model is the input model unchanged")
+    else:
+        pruned = restore_storage_dtypes(state.model, prep.original)
     ctx = current()
     if not ctx.is_main:  # rank 0 verifies, benchmarks and writes
         ctx.barrier()

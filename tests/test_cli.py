@@ -587,3 +587,16 @@ def test_progressive_options_are_checked(workdir: Path, tmp_path: Path, args, fr
     before = _listing(workdir)
     _assert_user_error(_invoke("compress", src, "--target-macs", "0.5", "--no-bench", *extra, *args), *fragments)
     assert _listing(workdir) == before
+
+
+def test_compress_that_removes_nothing_writes_the_input_unchanged(workdir: Path) -> None:
+    """Nothing prunable (every group excluded): the written model is the input as it came,
+    not its canonical form (which may run slower), and the report says so."""
+    src = _save_tiny(workdir, "residual")
+    out, report = workdir / "out.onnx", workdir / "r.json"
+    result = _invoke("compress", src, "-o", out, "--target-macs", TARGET, "--no-bench", "--exclude", "*",
+                     "--report", report)
+    _assert_ok(result)
+    rep = json.loads(report.read_text())
+    assert any("input model unchanged" in w for w in rep["warnings"])
+    assert onnx.load(str(out)).graph == onnx.load(str(src)).graph
