@@ -127,6 +127,9 @@ def _function():
                         [need_x, need_w, False])
                     if need_w:
                         gw = gw2
+                if gw is not None and w.is_contiguous(memory_format=torch.channels_last) and not gw.is_contiguous(
+                        memory_format=torch.channels_last):
+                    gw = gw.contiguous(memory_format=torch.channels_last)  # the weight's layout (no copy by autograd)
                 if need_b:
                     gb = go.sum((0, 2, 3))
                 return gx, gw, gb, None, None, None, None
