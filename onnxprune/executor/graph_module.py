@@ -27,6 +27,7 @@ from torch import nn
 
 from onnxprune.analysis.analyze import model_opset
 from onnxprune.errors import OnnxPruneError, UnsupportedModelError, first_line
+from onnxprune.executor.allocator import tune_allocator
 from onnxprune.executor.compiling import compile_default, compiled
 from onnxprune.executor.context import EvalContext
 from onnxprune.executor.program import Program, build_program, eval_nodes
@@ -67,6 +68,7 @@ class TorchGraph(nn.Module):
     def __init__(self, model: onnx.ModelProto, *, requires_grad: bool = True, channels_last: bool | None = None,
                  fuse: bool = True, compile: bool | None = None) -> None:
         super().__init__()
+        tune_allocator()  # activations reused instead of page-faulted at every pass
         graph = gs.import_onnx(model)
         graph.toposort()
         self.opset = model_opset(model)
