@@ -4,10 +4,11 @@
 float32 reduction) and is what the Conv handler calls. What it does differently, each
 measured on this project's 2-core CPU with one thread (README "Executor speed"):
 
-- a 1x1, stride-1, unpadded, ungrouped convolution runs on oneDNN
-  (``torch.mkldnn_convolution``) whenever its input is channels_last; torch itself picks
-  its im2col kernel there with one thread and a batch under 16, about 2x slower at ResNet-50
-  and MobileNet sizes;
+- a 1x1, stride-1, unpadded, ungrouped convolution on a channels_last input runs on oneDNN:
+  as a convolution (``torch.mkldnn_convolution``) from :data:`POINTWISE_ONEDNN` output
+  positions, below that as a matrix product over the pixels (:mod:`onnxprune.ops._onednn`;
+  ResNet-50's 2048 -> 512 at 7x7: 1.6 ms as a convolution, 0.6 ms as a product); torch
+  itself picks its im2col kernel there with one thread and a batch under 16, about 2x slower;
 - the backward (an ``autograd.Function``, double-differentiable: it is written with
   differentiable ops) never asks oneDNN for the bias gradient: ``convolution_backward``
   with the bias in its mask takes a path about twice as slow for depthwise convolutions
@@ -16,7 +17,7 @@ measured on this project's 2-core CPU with one thread (README "Executor speed"):
 - the weight gradient of an ungrouped convolution whose output has few positions
   (batch x height x width < :data:`SMALL_OUTPUT`, e.g. ResNet-50's last stage at batch 1)
   is one GEMM of the output gradient with the unfolded input (oneDNN: 17 ms, GEMM 2.4 ms
-  for 512x512x3x3 at 7x7).
+  for 512x512x3x3 at 7x7); the backward's GEMMs run on :func:`onnxprune.ops._onednn.mm`.
 
 - a one-channel input (a grayscale image) in channels_last runs as two channels, the second
   zero (:func:`_two_channels`), and on torch's im2col kernel otherwise.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from onnxprune.ops import _onednn
 from onnxprune.ops._torch import F, torch
 
 #: output positions (batch x height x width) under which the weight gradient is one GEMM
@@ -76,6 +78,11 @@ def _pointwise(w, stride, padding, dilation, groups) -> bool:
 def _forward(x, w, b, stride, padding, dilation, groups):
     if _pointwise(w, stride, padding, dilation, groups) and x.is_contiguous(memory_format=torch.channels_last) \
             and x.shape[1] > 1 and torch.backends.mkldnn.is_available():
+        n, c, h, wd = x.shape
+        if n * h * wd < POINTWISE_ONEDNN and _onednn.available():  # a GEMM over the pixels, on oneDNN
+            o = w.shape[0]
+            y = _onednn._linear_raw(x.permute(0, 2, 3, 1).reshape(-1, c), w.reshape(o, c), b)
+            return y.reshape(n, h, wd, o).permute(0, 3, 1, 2)
         return torch.mkldnn_convolution(x, w, b, list(padding), list(stride), list(dilation), groups)
     return F.conv2d(x, w, b, stride, padding, dilation, groups)
 
@@ -85,9 +92,9 @@ def _weight_grad_gemm(x, go, w_shape, stride, padding, dilation):
     n, o = go.shape[0], go.shape[1]
     cols = F.unfold(x, tuple(w_shape[2:]), dilation=dilation, padding=padding, stride=stride)  # [N, C*k, L]
     if n == 1:
-        return (go.reshape(o, -1) @ cols[0].transpose(0, 1)).reshape(w_shape)
+        return _onednn.mm(go.reshape(o, -1), cols[0].transpose(0, 1)).reshape(w_shape)
     g = go.transpose(0, 1).reshape(o, -1)
-    return (g @ cols.transpose(1, 2).reshape(-1, cols.shape[1])).reshape(w_shape)
+    return _onednn.mm(g, cols.transpose(1, 2).reshape(-1, cols.shape[1])).reshape(w_shape)
 
 
 def _nhwc_rows(t):
@@ -113,9 +120,9 @@ def _pointwise_backward(go, x, w, need_x: bool, need_w: bool):
     g2 = go.permute(0, 2, 3, 1).reshape(-1, o)
     gx = gw = None
     if need_x:
-        gx = (g2 @ w.reshape(o, c)).reshape(n, h, wd, c).permute(0, 3, 1, 2)
+        gx = _onednn.mm(g2, w.reshape(o, c)).reshape(n, h, wd, c).permute(0, 3, 1, 2)
     if need_w:
-        gw = (g2.transpose(0, 1) @ x.permute(0, 2, 3, 1).reshape(-1, c)).reshape(w.shape)
+        gw = _onednn.mm(g2.transpose(0, 1), x.permute(0, 2, 3, 1).reshape(-1, c)).reshape(w.shape)
     return gx, gw
 
 
