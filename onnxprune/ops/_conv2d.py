@@ -87,14 +87,24 @@ def _forward(x, w, b, stride, padding, dilation, groups):
     return F.conv2d(x, w, b, stride, padding, dilation, groups)
 
 
-def _weight_grad_gemm(x, go, w_shape, stride, padding, dilation):
-    """dL/dW of an ungrouped convolution as one GEMM: go [O, N*L] @ unfold(x) [N*L, C*kh*kw]."""
+def _weight_grad_gemm(x, go, w_shape, stride, padding, dilation, channels_last: bool):
+    """dL/dW of an ungrouped convolution as one GEMM: go [O, N*L] @ unfold(x) [N*L, C*kh*kw].
+
+    ``channels_last``: the gradient comes out in that layout (the unfolded input's rows
+    ordered (kh, kw, C), a copy of the small unfolded input instead of the weight)."""
     n, o = go.shape[0], go.shape[1]
-    cols = F.unfold(x, tuple(w_shape[2:]), dilation=dilation, padding=padding, stride=stride)  # [N, C*k, L]
-    if n == 1:
-        return _onednn.mm(go.reshape(o, -1), cols[0].transpose(0, 1)).reshape(w_shape)
-    g = go.transpose(0, 1).reshape(o, -1)
-    return _onednn.mm(g, cols.transpose(1, 2).reshape(-1, cols.shape[1])).reshape(w_shape)
+    c, kh, kw = w_shape[1], w_shape[2], w_shape[3]
+    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [N, C*kh*kw, L]
+    if go.is_contiguous(memory_format=torch.channels_last):
+        g = go.permute(0, 2, 3, 1).reshape(-1, o)  # [N*L, O], a view
+    else:
+        g = go.reshape(n, o, -1).transpose(1, 2).reshape(-1, o)
+    if channels_last:
+        rows = cols.reshape(n, c, kh * kw, -1).permute(0, 3, 2, 1).reshape(-1, kh * kw * c)  # [N*L, (k, C)]
+        gw = _onednn.mm(g.t(), rows)  # [O, kh*kw*C]
+        return gw.reshape(o, kh, kw, c).permute(0, 3, 1, 2)
+    rows = cols.transpose(1, 2).reshape(-1, c * kh * kw)  # [N*L, C*kh*kw]
+    return _onednn.mm(g.t(), rows).reshape(w_shape)
 
 
 def _nhwc_rows(t):
@@ -150,7 +160,8 @@ def _function():
                     gx, gw = _pointwise_backward(go, x, w, need_x, need_w)
                     need_x = need_w = False
                 if need_w and groups == 1 and go.shape[0] * go.shape[2] * go.shape[3] < SMALL_OUTPUT:
-                    gw = _weight_grad_gemm(x, go, w.shape, stride, padding, dilation)
+                    gw = _weight_grad_gemm(x, go, w.shape, stride, padding, dilation,
+                                           w.is_contiguous(memory_format=torch.channels_last))
                     need_w = False
                 if need_x or need_w:
                     gx, gw2, _ = torch.ops.aten.convolution_backward(
