@@ -4,9 +4,11 @@ ONNX shape inference (on the weightless :func:`~onnxprune.skeleton.skeleton`, wi
 propagation) is tried first: when it gives every node output of the top-level graph a
 tensor type with every dim known and positive, those are the shapes, and nothing runs
 (tests/test_shapes.py checks them against onnxruntime on every real and test model).
-Inference leaves gaps (Resize with computed scales, Reshape of computed shapes, ops it
-does not know, sequences) and cannot tell that a model fails at an input size; the
-pruning stages need exact numbers. So otherwise :func:`measure_shapes` runs the model
+An onnxruntime session of the skeleton is still made (not run), so a model onnxruntime
+cannot load (an op or element type without a kernel) fails here as before. Inference
+leaves gaps (Resize with computed scales, Reshape of computed shapes, ops it does not
+know, sequences) and cannot tell that a model fails at an input size; the pruning stages
+need exact numbers. So otherwise :func:`measure_shapes` runs the model
 once in onnxruntime (CPUExecutionProvider, graph optimizations off) on random inputs of
 the given shapes, with every node output of the top-level graph exposed as a graph
 output, and reads the shapes off the results. Tensors inside If/Loop/Scan bodies are not
@@ -82,7 +84,10 @@ def _inferred(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]
             shape = vi.type.tensor_type.shape
             del shape.dim[:]
             for d in input_shapes[vi.name]:
-                shape.dim.add().dim_value = int(d)
+                try:
+                    shape.dim.add().dim_value = int(d)
+                except ValueError:  # beyond int64: nothing to infer
+                    return None
     try:
         return onnx.shape_inference.infer_shapes(skel, strict_mode=False, data_prop=True)
     except Exception:  # an estimate only
@@ -203,17 +208,21 @@ def measure_shapes(
         shapes[init.name] = tuple(int(d) for d in init.dims)
 
     real_shapes = {n: shapes[n] for n in real}
+    feeds = make_inputs(model, shapes, seed=seed)  # refuses inputs over the memory budget
     inferred = _inferred(model, real_shapes)
-    if static:
-        found = static_shapes(model, real_shapes, inferred)
-        if found is not None:
-            for name, dims in found.items():
-                shapes.setdefault(name, dims)
-            return shapes
-    feeds = make_inputs(model, shapes, seed=seed)
     check_allocation(activation_bytes(model, real_shapes, inferred),
                      f"running the model at input shapes {_fmt_shapes({n: shapes[n] for n in real})} "
                      f"(every activation, by static shape inference)")
+    if static:
+        found = static_shapes(model, real_shapes, inferred)
+        if found is not None:
+            try:  # what the probe's session would refuse (an op or a type it has no kernel for)
+                _session(skeleton(model)[0])
+            except Exception as exc:
+                raise UnsupportedModelError(f"onnxruntime cannot load the model: {first_line(exc)}") from exc
+            for name, dims in found.items():
+                shapes.setdefault(name, dims)
+            return shapes
     try:
         probe, weights = _probe_model(model)
         sess = _session(probe)
