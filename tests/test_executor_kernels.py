@@ -175,3 +175,15 @@ def test_tune_allocator_runs_once_and_can_be_turned_off(monkeypatch) -> None:
     monkeypatch.delenv("ONNXPRUNE_MALLOPT")
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
     assert allocator.tune_allocator() is False  # the user's own glibc setting wins
+
+
+def test_global_average_pool_gradient_is_a_broadcast_view() -> None:
+    """GlobalAveragePool's backward (first and second order) equals x.mean's; forward values
+    are the same with and without grad."""
+    from onnxprune.ops.pool import _global_mean
+
+    x = torch.randn(3, 4, 5, 2, dtype=torch.float64).contiguous(memory_format=CL).requires_grad_(True)
+    assert torch.autograd.gradcheck(_global_mean, (x,))
+    assert torch.autograd.gradgradcheck(_global_mean, (x,))
+    with torch.no_grad():
+        assert torch.equal(_global_mean(x), x.mean((2, 3), keepdim=True))
