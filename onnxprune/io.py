@@ -306,7 +306,7 @@ class _Encoding:
         self.lengths = []  # per initializer: (encoded length, raw_data length or None)
         for t in model.graph.initializer:
             if t.HasField("raw_data"):
-                raw = len(t.raw_data)  # a transient copy of one tensor
+                raw = _raw_length(t)  # from dims and type when it can (no copy of the bytes)
                 meta = _without(t, "raw_data").ByteSize()
                 self.lengths.append((meta + 1 + len(_varint(raw)) + raw, raw))
             else:
@@ -327,9 +327,34 @@ class _Encoding:
             if raw is None:
                 fh.write(t.SerializeToString())
                 continue
+            data = t.raw_data
+            if len(data) != raw:  # cannot happen: _raw_length checked the size it read off
+                raise ValueError(f"tensor {t.name}: raw_data changed size while being written")
             fh.write(_without(t, "raw_data").SerializeToString())
             fh.write(_TENSOR_RAW_DATA_TAG + _varint(raw))
-            fh.write(t.raw_data)
+            fh.write(data)
+            del data
+
+
+_ITEMSIZE = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2,
+             onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1,
+             onnx.TensorProto.INT16: 2, onnx.TensorProto.UINT16: 2, onnx.TensorProto.INT32: 4,
+             onnx.TensorProto.UINT32: 4, onnx.TensorProto.INT64: 8, onnx.TensorProto.UINT64: 8,
+             onnx.TensorProto.BOOL: 1}
+
+
+def _raw_length(t) -> int:
+    """Length of ``t.raw_data``: dims x item size for a tensor over this many bytes
+    (reading ``raw_data`` copies the bytes out of upb's message; a big tensor is never
+    stored short: checked at write, see :meth:`_Encoding.write`), else read off."""
+    size = _ITEMSIZE.get(t.data_type)
+    if size is not None:
+        n = size
+        for d in t.dims:
+            n *= int(d)
+        if n > 1 << 20:
+            return n
+    return len(t.raw_data)
 
 
 def write_atomic(path: str | os.PathLike, writer) -> Path:

@@ -1,11 +1,18 @@
-"""Measure the concrete shape of every tensor of a model by running it once.
+"""The concrete shape of every tensor of a model at given input shapes.
 
-Static shape inference leaves gaps (Resize with computed scales, Reshape of
-computed shapes, symbolic dims); the pruning stages need exact numbers. So
-:func:`measure_shapes` runs the model once in onnxruntime (CPUExecutionProvider,
-graph optimizations off) on random inputs of the given shapes, with every node
-output of the top-level graph exposed as a graph output, and reads the shapes
-off the results. Tensors inside If/Loop/Scan bodies are not measured.
+ONNX shape inference (on the weightless :func:`~onnxprune.skeleton.skeleton`, with data
+propagation) is tried first: when it gives every node output of the top-level graph a
+tensor type with every dim known and positive, those are the shapes, and nothing runs
+(tests/test_shapes.py checks them against onnxruntime on every real and test model).
+An onnxruntime session of the skeleton is still made (not run), so a model onnxruntime
+cannot load (an op or element type without a kernel) fails here as before. Inference
+leaves gaps (Resize with computed scales, Reshape of computed shapes, ops it does not
+know, sequences) and cannot tell that a model fails at an input size; the pruning stages
+need exact numbers. So otherwise :func:`measure_shapes` runs the model
+once in onnxruntime (CPUExecutionProvider, graph optimizations off) on random inputs of
+the given shapes, with every node output of the top-level graph exposed as a graph
+output, and reads the shapes off the results. Tensors inside If/Loop/Scan bodies are not
+measured.
 """
 
 from __future__ import annotations
@@ -64,25 +71,81 @@ def _session(probe: onnx.ModelProto):
         return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
-def activation_bytes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> int:
+def _inferred(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> onnx.ModelProto | None:
+    """ONNX shape inference of the :func:`skeleton` with these input shapes (None: it failed)."""
+    skel = skeleton(model)[0]
+    graph = skel.graph
+    del graph.value_info[:]
+    for vi in graph.output:  # a declared output shape can be wrong (a fixed batch): infer it
+        if vi.type.HasField("tensor_type"):
+            vi.type.tensor_type.ClearField("shape")
+    for vi in graph.input:
+        if vi.name in input_shapes and vi.type.HasField("tensor_type"):
+            shape = vi.type.tensor_type.shape
+            del shape.dim[:]
+            for d in input_shapes[vi.name]:
+                try:
+                    shape.dim.add().dim_value = int(d)
+                except ValueError:  # beyond int64: nothing to infer
+                    return None
+    try:
+        return onnx.shape_inference.infer_shapes(skel, strict_mode=False, data_prop=True)
+    except Exception:  # an estimate only
+        return None
+
+
+def _known_dims(vi: onnx.ValueInfoProto) -> tuple[int, ...] | None:
+    """The dims of a tensor value_info when every one is known, else None."""
+    if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+        return None
+    dims = []
+    for d in vi.type.tensor_type.shape.dim:
+        if not d.HasField("dim_value"):
+            return None
+        dims.append(int(d.dim_value))
+    return tuple(dims)
+
+
+def static_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],
+                  inferred: onnx.ModelProto | None = None) -> dict[str, tuple[int, ...]] | None:
+    """``{node output: shape}`` of every node output of the top-level graph by ONNX shape
+    inference, or None unless every one is a tensor whose dims are all known and positive
+    (an output that no node reads and the graph does not return may lack a shape; it is
+    left out then, as it would be were it no tensor)."""
+    if inferred is None:
+        inferred = _inferred(model, input_shapes)
+    if inferred is None:
+        return None
+    g = inferred.graph
+    known = {vi.name: _known_dims(vi) for vi in list(g.value_info) + list(g.output)}
+    nested = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                 for n in model.graph.node for a in n.attribute)
+    read = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    out: dict[str, tuple[int, ...]] = {}
+    for node in model.graph.node:
+        for name in node.output:
+            if not name:
+                continue
+            dims = known.get(name)
+            if dims is None or any(d <= 0 for d in dims):
+                if not nested and name not in read:  # an output nothing reads (a Dropout mask)
+                    continue
+                return None
+            out[name] = dims
+    return out
+
+
+def activation_bytes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],
+                     inferred: onnx.ModelProto | None = None) -> int:
     """Bytes of every node output of the top-level graph whose shape ONNX shape inference
     finds with these input shapes (an estimate from below: unknown shapes count 0).
 
     Large initializers are replaced by inputs of the same type for the inference, so it
     costs little even for big models. Never raises: a failed inference gives 0.
     """
-    skel = skeleton(model)[0]
-    graph = skel.graph
-    del graph.value_info[:]
-    for vi in graph.input:
-        if vi.name in input_shapes and vi.type.HasField("tensor_type"):
-            shape = vi.type.tensor_type.shape
-            del shape.dim[:]
-            for d in input_shapes[vi.name]:
-                shape.dim.add().dim_value = int(d)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skel, strict_mode=False, data_prop=True)
-    except Exception:  # an estimate only
+    if inferred is None:
+        inferred = _inferred(model, input_shapes)
+    if inferred is None:
         return 0
     total = 0
     for vi in inferred.graph.value_info:
@@ -104,14 +167,17 @@ def measure_shapes(
     input_shapes: Mapping[str, tuple[int, ...]],
     *,
     seed: int = 0,
+    static: bool = True,
 ) -> dict[str, tuple[int, ...]]:
-    """Concrete shape of every tensor in the top-level graph, measured with onnxruntime.
+    """Concrete shape of every tensor in the top-level graph: by static inference where it
+    is complete, else measured with onnxruntime (module doc).
 
     Args:
         model: the model to measure (not modified; a copy is run).
         input_shapes: ``{graph input name: shape}`` for every real graph input, e.g.
             from :func:`onnxprune.inputs.resolve_input_shapes`.
         seed: seed of the random inputs (:func:`onnxprune.inputs.make_inputs`).
+        static: try ONNX shape inference first (False: always run onnxruntime).
 
     Returns:
         ``{tensor name: shape}`` (tuples of ints, ``()`` for scalars) for every graph
@@ -141,10 +207,22 @@ def measure_shapes(
     for init in model.graph.initializer:
         shapes[init.name] = tuple(int(d) for d in init.dims)
 
-    feeds = make_inputs(model, shapes, seed=seed)
-    check_allocation(activation_bytes(model, {n: shapes[n] for n in real}),
+    real_shapes = {n: shapes[n] for n in real}
+    feeds = make_inputs(model, shapes, seed=seed)  # refuses inputs over the memory budget
+    inferred = _inferred(model, real_shapes)
+    check_allocation(activation_bytes(model, real_shapes, inferred),
                      f"running the model at input shapes {_fmt_shapes({n: shapes[n] for n in real})} "
                      f"(every activation, by static shape inference)")
+    if static:
+        found = static_shapes(model, real_shapes, inferred)
+        if found is not None:
+            try:  # what the probe's session would refuse (an op or a type it has no kernel for)
+                _session(skeleton(model)[0])
+            except Exception as exc:
+                raise UnsupportedModelError(f"onnxruntime cannot load the model: {first_line(exc)}") from exc
+            for name, dims in found.items():
+                shapes.setdefault(name, dims)
+            return shapes
     try:
         probe, weights = _probe_model(model)
         sess = _session(probe)

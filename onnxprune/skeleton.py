@@ -48,16 +48,22 @@ def _liftable(t: TensorProto, min_elements: int) -> bool:
 
 
 def copy_fields(dst, src, skip: str) -> None:
-    """Copy every set field of protobuf message ``src`` into ``dst`` except field ``skip``."""
-    for fd, value in src.ListFields():
+    """Copy every set field of protobuf message ``src`` into ``dst`` except field ``skip``.
+
+    Field ``skip`` is never read: ``ListFields`` would hand out its value, a copy of its
+    bytes for a TensorProto's ``raw_data``."""
+    for fd in src.DESCRIPTOR.fields:
         if fd.name == skip:
             continue
         if fd.is_repeated:
-            getattr(dst, fd.name).extend(value)
-        elif fd.type == fd.TYPE_MESSAGE:
-            getattr(dst, fd.name).CopyFrom(value)
-        else:
-            setattr(dst, fd.name, value)
+            value = getattr(src, fd.name)
+            if len(value):
+                getattr(dst, fd.name).extend(value)
+        elif src.HasField(fd.name):
+            if fd.type == fd.TYPE_MESSAGE:
+                getattr(dst, fd.name).CopyFrom(getattr(src, fd.name))
+            else:
+                setattr(dst, fd.name, getattr(src, fd.name))
 
 
 def skeleton(model: onnx.ModelProto, min_elements: int = LIFT_MIN_ELEMENTS) -> tuple[onnx.ModelProto, list[str]]:

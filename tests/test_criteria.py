@@ -13,7 +13,7 @@ from onnxprune.criteria import BN, CPMC, L1, L2, Random, get_criterion
 from onnxprune.errors import OnnxPruneError
 from onnxprune.planning import Target, TargetKind, make_plan
 from onnxprune.shapes import measure_shapes
-from tiny_models import build_lenet
+from tiny_models import ALL_BUILDERS, INPUT_SHAPES, build_lenet
 
 H = W = 8  # spatial size everywhere (3x3 convs with pad 1 keep it)
 C0, C1, C2, C3 = 3, 6, 5, 4  # x -> conv1 -> conv2 -> conv3 (graph output)
@@ -315,3 +315,22 @@ def test_data_driven_criteria_are_registered_lazily(name, cls):
     assert c.name == name and c.requires_data is True and c.seed == 4
     with pytest.raises(OnnxPruneError, match=name):
         c.score(None, {})
+
+
+def test_member_sum_equals_member_reduce() -> None:
+    """member_sum (one pass per weight, l1 / l2 / bn) gives member_reduce's sums: |w| bit
+    for bit, w^2 to float64 rounding; equal channels stay equal (ties keep their order)."""
+    from onnxprune.criteria.base import WEIGHT_ROLES, member_reduce, member_sum
+
+    for name in ("lenet", "residual", "concat", "flatten_gemm"):
+        model = ALL_BUILDERS[name]()
+        analysis = analyze(model, measure_shapes(model, {"x": INPUT_SHAPES[name]}))
+        weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        weights = {k: (np.full_like(v, 0.25) if k.startswith("W") and v.ndim == 4 else v) for k, v in weights.items()}
+        for g in analysis.groups:
+            if not g.prunable:
+                continue
+            a = member_reduce(g, weights, WEIGHT_ROLES, lambda w: np.abs(w).sum(axis=1))
+            np.testing.assert_array_equal(member_sum(g, weights, WEIGHT_ROLES, np.abs), a)
+            b = member_reduce(g, weights, WEIGHT_ROLES, lambda w: (w * w).sum(axis=1))
+            np.testing.assert_allclose(member_sum(g, weights, WEIGHT_ROLES, np.square), b, rtol=1e-12)

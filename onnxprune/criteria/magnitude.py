@@ -12,7 +12,7 @@ import numpy as np
 
 from onnxprune.analysis.context import Role
 from onnxprune.analysis.groups import Analysis
-from onnxprune.criteria.base import WEIGHT_ROLES, Scores, member_reduce
+from onnxprune.criteria.base import WEIGHT_ROLES, Scores, member_sum
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class L1:
     requires_data: bool = False
 
     def score(self, analysis: Analysis, weights: Mapping[str, np.ndarray]) -> Scores:
-        return {g.id: member_reduce(g, weights, WEIGHT_ROLES, lambda w: np.abs(w).sum(axis=1))
+        return {g.id: member_sum(g, weights, WEIGHT_ROLES, np.abs)
                 for g in analysis.groups if g.prunable}
 
 
@@ -37,7 +37,7 @@ class L2:
     requires_data: bool = False
 
     def score(self, analysis: Analysis, weights: Mapping[str, np.ndarray]) -> Scores:
-        return {g.id: np.sqrt(member_reduce(g, weights, WEIGHT_ROLES, lambda w: (w * w).sum(axis=1)))
+        return {g.id: np.sqrt(member_sum(g, weights, WEIGHT_ROLES, np.square))
                 for g in analysis.groups if g.prunable}
 
 
@@ -55,5 +55,5 @@ class BN:
             if not g.prunable:
                 continue
             has_bn = any(m.role is Role.NORM for m in g.members)
-            out[g.id] = member_reduce(g, weights, [Role.NORM], lambda w: np.abs(w).sum(axis=1)) if has_bn else None
+            out[g.id] = member_sum(g, weights, [Role.NORM], np.abs) if has_bn else None
         return out

@@ -17,7 +17,7 @@ call instead:
 - ``Sigmoid(x) -> Mul(x, .)``: ``F.silu(x)``;
 - ``Relu -> MaxPool``: pooled first, then ``relu`` on the smaller tensor (equal values);
 - ``MatMul(A, B) -> Add(., bias)`` with constant 2-D B and 1-D bias: ``F.linear`` (one
-  GEMM with the bias, as Gemm's ``addmm``).
+  GEMM with the bias, on oneDNN where it can: :mod:`onnxprune.ops._onednn`).
 
 A chain is fused only when nothing can observe its inner tensors: every inner tensor
 has exactly one consumer (the next link), is no graph output and carries no gate, and
@@ -37,6 +37,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxprune.executor.context import EvalContext, EvalNode
+from onnxprune.ops._onednn import linear
 from onnxprune.ops._torch import F, torch
 from onnxprune.ops.norm import batch_norm_affine, batch_norm_is_inference
 from onnxprune.ops.registry import get_evaluator
@@ -308,6 +309,10 @@ def _gate_chain(first: gs.Node, g: _Graph) -> Fusion | None:
 
 def _linear_fn(node, vals, ctx):
     a, b, bias = vals
+    if a.dim() == 2:
+        return [linear(a, b.t(), bias)]
+    if a.dim() > 2 and a.is_contiguous():  # [..., K]: the rows as one matrix
+        return [linear(a.reshape(-1, a.shape[-1]), b.t(), bias).reshape(*a.shape[:-1], b.shape[1])]
     return [F.linear(a, b.t(), bias)]
 
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from onnxprune.analysis.analyze import model_opset
 from onnxprune.errors import OnnxPruneError, UnsupportedModelError, first_line
+from onnxprune.executor.allocator import tune_allocator
 from onnxprune.executor.compiling import compile_default, compiled
 from onnxprune.executor.context import EvalContext
 from onnxprune.executor.program import Program, build_program, eval_nodes
@@ -67,6 +68,7 @@ class TorchGraph(nn.Module):
     def __init__(self, model: onnx.ModelProto, *, requires_grad: bool = True, channels_last: bool | None = None,
                  fuse: bool = True, compile: bool | None = None) -> None:
         super().__init__()
+        tune_allocator()  # activations reused instead of page-faulted at every pass
         graph = gs.import_onnx(model)
         graph.toposort()
         self.opset = model_opset(model)
@@ -97,6 +99,14 @@ class TorchGraph(nn.Module):
             slot(name)
         self._param_slots: list[int] = []
         self._const_slots: list[tuple[int, str]] = []
+        if channels_last is None:
+            channels_last = any(n.op == "Conv" and len(n.inputs) > 1 and len(n.inputs[1].shape or ()) == 4
+                                for n in graph.nodes)
+        self.channels_last = bool(channels_last)
+        # 2-D Conv weights are held in channels_last too: oneDNN would otherwise reorder the
+        # weight at every forward and autograd copy its gradient back at every backward
+        cl_weights = {n.inputs[1].name for n in graph.nodes if n.op == "Conv" and len(n.inputs) > 1
+                      and len(n.inputs[1].shape or ()) == 4} if self.channels_last else set()
         for name, t in graph.tensors().items():
             if not isinstance(t, gs.Constant):
                 continue
@@ -106,7 +116,10 @@ class TorchGraph(nn.Module):
                 arr = arr.astype(np.float32)
             if np.issubdtype(arr.dtype, np.floating):
                 self._param_index[name] = len(self._params)
-                self._params.append(nn.Parameter(torch.from_numpy(arr.copy()), requires_grad=requires_grad))
+                value = torch.from_numpy(arr.copy())
+                if name in cl_weights and value.dim() == 4:
+                    value = value.contiguous(memory_format=torch.channels_last)
+                self._params.append(nn.Parameter(value, requires_grad=requires_grad))
                 self._param_slots.append(slot(name))
             else:
                 self._consts[name] = torch.from_numpy(arr.copy())
@@ -123,10 +136,6 @@ class TorchGraph(nn.Module):
         self._node_info = [(n.name, n.op, n.domain or "", tuple(t.name for t in n.inputs)) for n in graph.nodes]
         self._node_inputs = {name: len(ins) for name, _, _, ins in self._node_info}
         self._fuse = bool(fuse)
-        if channels_last is None:
-            channels_last = any(n.op == "Conv" and len(n.inputs) > 1 and len(n.inputs[1].shape or ()) == 4
-                                for n in self._nodes)
-        self.channels_last = bool(channels_last)
         self._ctx = EvalContext(self.opset, self.channels_last)
         self._program: Program | None = None
         self._compile = compile

@@ -19,6 +19,7 @@ import math
 import onnx_graphsurgeon as gs
 
 from onnxprune.analysis.context import AnalysisContext, Role
+from onnxprune.ops._conv2d import conv2d
 from onnxprune.ops._torch import F, attr_ints, attr_str, auto_pads, present, torch, torch_pad_arg, unsupported
 from onnxprune.ops.registry import OpHandler, register
 from onnxprune.surgery.context import SurgeryContext
@@ -99,10 +100,8 @@ class ConvHandler(OpHandler):
         fn, strides, padding, dil, group, pad_arg, im2col = spec[1]
         if pad_arg is not None:  # asymmetric: pad explicitly (zeros), then convolve without padding
             x = F.pad(x, pad_arg)
-        if im2col and x.shape[1] == 1 and x.device.type == "cpu":
-            # one input channel: oneDNN's CPU kernel is several times slower than torch's
-            # im2col + GEMM convolution (the same sums; differentiable)
-            y = torch._C._nn.thnn_conv2d(x, w, list(w.shape[2:]), b, strides, padding)
+        if n == 2:
+            y = conv2d(x, w, b, strides, padding, dil, group, channels_last=ctx.channels_last, im2col=im2col)
         else:
             y = fn(x, w, b, strides, padding, dil, group)
         if ctx.channels_last and n == 2 and not y.is_contiguous(memory_format=torch.channels_last):

@@ -17,6 +17,7 @@ import math
 import onnx_graphsurgeon as gs
 
 from onnxprune.analysis.context import AnalysisContext, Role
+from onnxprune.ops._onednn import linear
 from onnxprune.ops._torch import present, torch
 from onnxprune.ops.registry import OpHandler, register
 from onnxprune.surgery.context import SurgeryContext
@@ -78,9 +79,11 @@ class GemmHandler(OpHandler):
         if a.dim() != 2:  # opsets < 9 coerce A to 2-D; B is 2-D
             a = a.reshape(a.shape[0], -1)
         if c is None or beta == 0.0:
-            y = a @ b
+            y = linear(a, b.t()) if a.is_floating_point() else a @ b
             return [y if alpha == 1.0 else y * alpha]
         if a.is_floating_point():
+            if alpha == 1.0 and beta == 1.0 and c.dim() == 1 and c.shape[0] == b.shape[1]:
+                return [linear(a, b.t(), c)]  # oneDNN's GEMM where it can (ops._onednn)
             return [torch.addmm(c, a, b, beta=beta, alpha=alpha)]
         y = a @ b
         y = y if alpha == 1.0 else y * int(alpha)

@@ -22,6 +22,34 @@ from onnxprune.ops.registry import OpHandler, register
 from onnxprune.surgery.context import SurgeryContext
 
 
+_GLOBAL_MEAN = None
+
+
+def _global_mean(x):
+    """``x.mean`` over every axis after the channel axis, keepdim; with grad, its backward
+    hands out the output gradient / count *expanded* (a broadcast view) instead of a
+    full-size tensor: autograd then adds it straight into the input's other gradient (the
+    Mul of a squeeze-excitation block), one pass over the activation instead of two."""
+    global _GLOBAL_MEAN
+    dims = tuple(range(2, x.dim()))
+    if not (torch.is_grad_enabled() and x.requires_grad and x.is_floating_point()):
+        return x.mean(dim=dims, keepdim=True)
+    if _GLOBAL_MEAN is None:
+
+        class GlobalMean(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, t):
+                ctx.shape = t.shape
+                return t.mean(dim=tuple(range(2, t.dim())), keepdim=True)
+
+            @staticmethod
+            def backward(ctx, go):
+                return (go / math.prod(ctx.shape[2:])).expand(ctx.shape)
+
+        _GLOBAL_MEAN = GlobalMean
+    return _GLOBAL_MEAN.apply(x)
+
+
 def _passthrough(node: gs.Node, ctx: AnalysisContext, axis: int | None = None) -> None:
     tc = ctx.get(node.inputs[0])
     if tc is None:
@@ -49,7 +77,7 @@ class PoolHandler(OpHandler):
         x = inputs[0]
         op = node.op
         if op == "GlobalAveragePool":
-            return [x.mean(dim=tuple(range(2, x.dim())), keepdim=True)]
+            return [_global_mean(x)]
         if op == "GlobalMaxPool":
             return [x.amax(dim=tuple(range(2, x.dim())), keepdim=True)]
         if op == "GlobalLpPool":

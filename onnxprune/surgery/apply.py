@@ -127,13 +127,23 @@ def apply_plan(model: onnx.ModelProto, analysis: Analysis, removed: Mapping[int,
 
 
 def _export(graph: gs.Graph) -> onnx.ModelProto:
-    """``gs.export_onnx`` with every large sliced weight written once, straight into the
-    exported initializer's ``raw_data`` (graphsurgeon would build a TensorProto per weight and
-    copy it again into the graph): such constants are exported as data-less placeholders of
-    the same name, type and dims, then filled, each array released once written."""
-    pending: dict[str, np.ndarray] = {}
+    """``gs.export_onnx`` with every large weight copied once into the exported model.
+
+    graphsurgeon builds a TensorProto per constant, copies it into the graph
+    (``make_graph``) and the graph once more into the model (``make_model``). Here large
+    constants are exported as data-less placeholders of the same name, type and dims and
+    filled afterwards: a sliced weight (numpy) straight into ``raw_data``, an untouched one
+    (still the input model's TensorProto) by one protobuf copy; each released once written."""
+    pending: dict[str, np.ndarray | onnx.TensorProto] = {}
     for t in graph.tensors().values():
-        if not isinstance(t, gs.Constant) or isinstance(t._values, LazyValues):
+        if not isinstance(t, gs.Constant):
+            continue
+        if isinstance(t._values, LazyValues):
+            src = t._values.tensor
+            if not isinstance(src, onnx.TensorProto) or src.name != t.name or not _liftable_proto(src):
+                continue
+            pending[t.name] = src
+            t._values = LazyValues(onnx.TensorProto(name=t.name, data_type=src.data_type, dims=list(src.dims)))
             continue
         arr = t.values
         if (not isinstance(arr, np.ndarray) or arr.size <= LIFT_MIN_ELEMENTS or t.export_dtype != t.dtype
@@ -150,13 +160,25 @@ def _export(graph: gs.Graph) -> onnx.ModelProto:
         t._values = LazyValues(proto)
     out = gs.export_onnx(graph)
     for init in out.graph.initializer:
-        arr = pending.pop(init.name, None)
-        if arr is not None:
-            init.raw_data = np.ascontiguousarray(arr).tobytes()
-            del arr
+        value = pending.pop(init.name, None)
+        if isinstance(value, np.ndarray):
+            init.raw_data = np.ascontiguousarray(value).tobytes()
+        elif value is not None:
+            init.CopyFrom(value)
+        del value
     if pending:  # cannot happen: every constant the graph holds is exported
         raise SurgeryError(f"weights {sorted(pending)[:3]} were not exported")
     return out
+
+
+def _liftable_proto(t: onnx.TensorProto) -> bool:
+    """A large in-memory tensor (no external data): worth exporting as a placeholder."""
+    if t.data_location == onnx.TensorProto.EXTERNAL or t.HasField("segment"):
+        return False
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    return n > LIFT_MIN_ELEMENTS
 
 
 def _version() -> str:
