@@ -259,6 +259,25 @@ def test_finetune_reads_through_workers_with_the_same_augmented_views(folder):
     assert results[0].steps == results[1].steps == 8
 
 
+def test_finetune_skips_bad_rows_and_names_them_when_all_are_bad(tmp_path, capsys):
+    """Bad rows of a memory-mapped .npy are dropped from their batch (the step trains on the
+    rest, a batch left empty takes no step); when every row is bad the error names the file."""
+    student = build_const_channel(seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((24, 3, 8, 8)).astype(np.float32)
+    x[:8] = np.nan  # a third of the rows: the shuffled batches lose some, a batch left empty takes no step
+    np.save(tmp_path / "x.npy", x)
+    data = load_calibration(tmp_path / "x.npy")
+    opts = FinetuneOptions(epochs=1, batch_size=8, seed=0, lr=1e-2)
+    res = finetune(student, data, teacher=student, options=opts, measure_loss=False)
+    assert 1 <= res.steps <= 3 and data.bad.count == 8
+    reference = finetune(student, from_arrays(x[8:]), teacher=student, options=opts, measure_loss=False)
+    assert reference.steps == 2
+    np.save(tmp_path / "bad.npy", np.full((16, 3, 8, 8), np.nan, dtype=np.float32))
+    with pytest.raises(DataError, match=r"bad.npy.*every sample.*bad"):
+        finetune(student, load_calibration(tmp_path / "bad.npy"), teacher=student, options=opts, measure_loss=False)
+
+
 # ------------------------------------------------------------------------------ the CLI
 
 

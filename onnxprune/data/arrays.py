@@ -127,6 +127,10 @@ class ZippedMember(_Rows):
         if k in _cache:
             _cache.move_to_end(k)
             return _cache[k]
+        n = 1
+        for d in self.shape:
+            n *= int(d)
+        check_allocation(n * max(np.dtype(self.dtype).itemsize, 4), f"{self.label}: compressed member {self.key!r}")
         with np.load(self.path, allow_pickle=False) as z:
             arr = z[self.key]
         _cache[k] = arr

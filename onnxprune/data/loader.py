@@ -207,7 +207,8 @@ def _through_loader(reader: _Reader, requests: list[BatchRequest], workers: int,
         yield item
 
 
-def fetch_batches(data, requests: Sequence[BatchRequest], *, augment=None) -> Iterator[Fetched]:
+def fetch_batches(data, requests: Sequence[BatchRequest], *, augment=None,
+                  check_all_bad: bool = True) -> Iterator[Fetched]:
     """Read ``requests`` from ``data`` (a :class:`~onnxprune.data.CalibrationData`) in order.
 
     Args:
@@ -215,6 +216,8 @@ def fetch_batches(data, requests: Sequence[BatchRequest], *, augment=None) -> It
         requests: the batches (positions in ``data``), e.g. an epoch's permutation chunks.
         augment: an :class:`~onnxprune.recover.augment.Augmenter` applied to the requests
             that carry a seed (in the workers), or None.
+        check_all_bad: raise when every sample of the pass is bad (False: the caller
+            decides, e.g. on the count of every rank).
 
     Yields:
         One :class:`Fetched` per request (possibly with no sample, when all were bad).
@@ -237,6 +240,6 @@ def fetch_batches(data, requests: Sequence[BatchRequest], *, augment=None) -> It
         good += len(item.x)
         read += len(item.x) + len(item.bad)
         yield item
-    if read and not good:
+    if check_all_bad and read and not good:
         raise DataError(f"{data.source}: every sample read ({read}) is bad; the first: "
                         f"{', '.join(data.bad.names) or 'none named'}")

@@ -74,7 +74,7 @@ from onnxprune.criteria.calibration import first_output_rank
 from onnxprune.criteria.loss import Loss, resolve_loss
 from onnxprune.data import BatchRequest, CalibrationData, Fetched, batch_seed, fetch_batches
 from onnxprune.distributed import DistContext, current, fault_point
-from onnxprune.errors import OnnxPruneError, UnsupportedModelError
+from onnxprune.errors import DataError, OnnxPruneError, UnsupportedModelError
 from onnxprune.executor.graph_module import TorchGraph
 from onnxprune.inputs import graph_inputs
 
@@ -373,18 +373,35 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
         parts = [ctx.split(c) for c in chunks]
         stand_in = [len(p) == 0 for p in parts]
         reads = [c[:1] if empty else p for c, p, empty in zip(chunks, parts, stand_in)]
-        batches = fetch_batches(data, requests(reads, epoch), augment=augment if epoch is not None else None)
+        reqs = requests(reads, epoch)
+        if ctx.world > 1 and epoch is not None and augment is not None:  # each rank its own views
+            reqs = [BatchRequest(r.index, batch_seed(options.seed, epoch, k, ctx.rank)) for k, r in enumerate(reqs)]
+        batches = fetch_batches(data, reqs, augment=augment if epoch is not None else None, check_all_bad=False)
+        good = 0
         for idx, f, empty in zip(chunks, batches, stand_in):
             mine = 0 if empty else len(f.x)
-            yield idx, f, mine, int(ctx.all_reduce_sum(mine))
+            everyone = int(ctx.all_reduce_sum(mine))
+            good += everyone
+            yield idx, f, mine, everyone
+        if not good:  # the same on every rank: all fail together, naming the files
+            raise DataError(f"{data.source}: every sample read for fine-tuning is bad; the first: "
+                            f"{', '.join(data.bad.names) or 'none named'}")
+
+    def first_good() -> Fetched:
+        """The first good sample of the data, read alone (no worker processes)."""
+        for i in range(n):
+            g = next(fetch_batches(data, [BatchRequest(np.array([i]), None)], check_all_bad=False))
+            if len(g.x):
+                return g
+        raise DataError(f"{data.source}: every sample is bad; the first: {', '.join(data.bad.names) or 'none named'}")
 
     def inputs(f: Fetched):
         """(x, y, teacher outputs) of a batch as tensors; a batch left empty by bad samples
-        becomes one zero sample (a weight-0 stand-in for the collectives)."""
+        becomes the first good sample of the data (a weight-0 stand-in for the collectives)."""
         fx, fy = f.x, f.y
-        if not len(fx):
-            fx = np.zeros((1,) + tuple(data.x.shape[1:]), dtype=np.float32)
-            fy = None if data.y is None else np.zeros(1, dtype=np.int64)
+        if not len(fx):  # a real sample (a zero input may give a non-finite loss, and 0 * NaN is NaN)
+            good = first_good()
+            fx, fy = good.x[:1], None if good.y is None else good.y[:1]
         x = torch.from_numpy(fx).to(device)
         y = None if fy is None else torch.from_numpy(fy).to(device)
         ref = None
@@ -481,7 +498,7 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
                 elif options.patience is not None and epoch + 1 - best_epoch >= int(options.patience):
                     break
     seconds = time.perf_counter() - t0
-    if step == 0:  # cannot happen with N >= 1; never report an untrained model as fine-tuned
+    if step == 0:  # every batch bad is a DataError above; never report an untrained model as fine-tuned
         raise OnnxPruneError("fine-tuning took no step")
     loss_after = mean_loss() if measure_loss else None
     for p in params:
@@ -589,5 +606,7 @@ def _global_scales(outputs, reference, ctx: DistContext, *, counted: bool) -> li
     for i, r in enumerate(pairs):
         count = first[2 * i]
         var = max(dev[i] / count, 1e-12) if count > 1 else 1.0
-        out.append(torch.tensor(var, dtype=r.dtype if r.is_floating_point() else torch.float32, device=r.device))
+        # float32 for half types (the floor 1e-12 underflows in float16), as one process's _scale
+        dtype = r.dtype if r.dtype in (torch.float32, torch.float64) else torch.float32
+        out.append(torch.tensor(var, dtype=dtype, device=r.device))
     return out
