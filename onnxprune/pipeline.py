@@ -106,7 +106,9 @@ class CompressOptions:
             with these options (``epochs`` per step); None = no fine-tuning.
         auto_epochs: choose ``finetune.epochs`` per step from the training set size
             (:func:`onnxprune.progressive.auto_epochs`).
-        never_slower: re-plan a cut that is not faster than the original with coarser
+        never_slower: with ``plan.round_to == "auto"``, choose round_to by timing the
+            target's whole cut per candidate (:func:`onnxprune.schedule.probe_round_to`),
+            and re-plan a final cut that is not faster than the original with coarser
             round_to (rule 3 of :mod:`onnxprune.schedule`; needs ``bench``).
         use_cache: reuse cached ``round_to auto`` sweeps (:mod:`onnxprune.runtime.sweep_cache`).
     """

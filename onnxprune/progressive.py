@@ -29,7 +29,7 @@ import onnx
 from onnxprune.analysis import Analysis
 from onnxprune.distributed import current, fault_point
 from onnxprune.holdout import HeldOutMetric, Split, split_holdout
-from onnxprune.planning import PlanOptions, Target, TargetKind
+from onnxprune.planning import ROUND_TO_AUTO, PlanOptions, Target, TargetKind
 from onnxprune.runtime.latency import measure_interleaved, measure_latency
 from onnxprune.runtime.latency_search import search_latency
 from onnxprune.schedule import (PROBE_ROUND_TO, Milestone, State, StepRecord, StepSetup, auto_steps, guard_milestones,
@@ -160,7 +160,7 @@ class ProgressiveRun:
         setup = dataclasses.replace(setup, final_kept=None if o.target is None else plan_ms[-1].kept,
                                     gradual=o.target is None or len(plan_ms) > 1)
         if (not setup.round_to_fixed and self.original_ms is not None and o.target is not None
-                and o.target.kind is not TargetKind.LATENCY):
+                and o.target.kind is not TargetKind.LATENCY and o.plan.round_to == ROUND_TO_AUTO):
             from onnxprune.criteria import get_criterion
             from onnxprune.pipeline import weights_of
 

@@ -95,6 +95,7 @@ class RoundToProbe:
     original_ms: float
 
     def to_json(self) -> dict:
+        """JSON form (the report's ``round_to.probe``): keys are round_to values as strings."""
         return {"chosen": self.chosen, "ms": {str(k): v for k, v in self.ms.items()},
                 "macs_kept": {str(k): v for k, v in self.macs.items()}, "original_ms": self.original_ms}
 
@@ -113,7 +114,7 @@ def probe_round_to(model: onnx.ModelProto, analysis: Analysis, target: Target, p
     not on which channels), each cut is applied and measured, and the smallest candidate
     whose cut is within :data:`PROBE_TOLERANCE` of the fastest is chosen (smaller steps
     keep the plan closer to the criterion's choice). Candidates no group can take
-    (round_to above every group's size) are skipped.
+    (round_to above every group's size) and those whose cut misses the target are skipped.
 
     Args:
         model, analysis: the canonical original and its analysis.
@@ -140,7 +141,7 @@ def probe_round_to(model: onnx.ModelProto, analysis: Analysis, target: Target, p
         if n > 1 and n >= largest:
             continue
         p = make_plan(analysis, scores, target, replace(plan, round_to=n), normalize=normalize)
-        if not p.removed:
+        if not p.removed or p.reachable is not None:  # a cut that misses the target is no candidate
             continue
         pruned = apply_plan(model, analysis, {g: np.asarray(v) for g, v in p.removed.items()})
         ms[n] = float(measure(pruned))

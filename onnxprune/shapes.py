@@ -106,12 +106,40 @@ def _known_dims(vi: onnx.ValueInfoProto) -> tuple[int, ...] | None:
     return tuple(dims)
 
 
+#: ops whose ONNX shape inference can disagree with onnxruntime (ceil-mode pooling with pads,
+#: Resize / Upsample from float scales): their models are measured
+_STATIC_UNSAFE_OPS = frozenset({"Resize", "Upsample"})
+_POOLS = frozenset({"MaxPool", "AveragePool", "LpPool"})
+
+
+def _static_is_safe(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """Whether static inference can stand in for the onnxruntime probe: the given input
+    shapes are the model's own fully declared ones (a shape the user overrides is checked
+    by running it: ONNX inference does not check a Conv's channels), and no op whose
+    inference is known to differ from onnxruntime's (``ceil_mode`` pooling, Resize /
+    Upsample) is in the graph."""
+    for vi in graph_inputs(model):
+        dims = _known_dims(vi)
+        if dims is None or tuple(dims) != tuple(input_shapes.get(vi.name, ())):
+            return False
+    for node in model.graph.node:
+        if node.op_type in _STATIC_UNSAFE_OPS:
+            return False
+        if node.op_type in _POOLS and any(a.name == "ceil_mode" and a.i for a in node.attribute):
+            return False
+    return True
+
+
 def static_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]],
                   inferred: onnx.ModelProto | None = None) -> dict[str, tuple[int, ...]] | None:
     """``{node output: shape}`` of every node output of the top-level graph by ONNX shape
     inference, or None unless every one is a tensor whose dims are all known and positive
     (an output that no node reads and the graph does not return may lack a shape; it is
-    left out then, as it would be were it no tensor)."""
+    left out then, as it would be were it no tensor), or when static inference is not to be
+    trusted for this model at these shapes (:func:`_static_is_safe`). None is no failure:
+    the caller measures the shapes with onnxruntime."""
+    if not _static_is_safe(model, input_shapes):
+        return None
     if inferred is None:
         inferred = _inferred(model, input_shapes)
     if inferred is None:

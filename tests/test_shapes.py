@@ -172,3 +172,36 @@ def test_static_shapes_need_every_read_tensor() -> None:
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     assert static_shapes(m, {"x": (1, 2, 3, 4)}) is None
     assert measure_shapes(m, {"x": (1, 2, 3, 4)})["y"] == (2, 4, 6, 8)
+
+
+def _conv_pool(ceil_mode: int, declared=(1, 3, 5, 5)) -> onnx.ModelProto:
+    """x -> Conv 3->4 (3x3, pad 1) -> MaxPool k2 s2 p1 (ceil_mode) -> y."""
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), dtype=np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["c"], ["y"], kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1],
+                              ceil_mode=ceil_mode)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(declared))],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _ort_shape(model: onnx.ModelProto, shape) -> tuple[int, ...]:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return tuple(sess.run(None, {"x": np.zeros(shape, np.float32)})[0].shape)
+
+
+@pytest.mark.parametrize("ceil_mode", [0, 1])
+def test_shapes_follow_onnxruntime_for_ceil_mode_pooling(ceil_mode: int) -> None:
+    """ONNX shape inference and onnxruntime disagree on ceil-mode pooling with pads: the
+    measured shapes must be onnxruntime's (they drive every MACs count)."""
+    m = _conv_pool(ceil_mode)
+    assert measure_shapes(m, {"x": (1, 3, 5, 5)})["y"] == _ort_shape(m, (1, 3, 5, 5))
+
+
+def test_a_user_shape_that_does_not_fit_the_model_is_refused() -> None:
+    """Static inference does not check a Conv's input channels: a shape the user gives that
+    differs from the declared one is run, and refused with the friendly error."""
+    m = _conv_pool(0, declared=("N", "C", "H", "W"))
+    with pytest.raises(InputShapeError):
+        measure_shapes(m, {"x": (1, 4, 8, 8)})
+    assert measure_shapes(m, {"x": (1, 3, 8, 8)})["y"] == _ort_shape(m, (1, 3, 8, 8))
