@@ -175,6 +175,10 @@ def test_tune_allocator_runs_once_and_can_be_turned_off(monkeypatch) -> None:
     monkeypatch.delenv("ONNXPRUNE_MALLOPT")
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
     assert allocator.tune_allocator() is False  # the user's own glibc setting wins
+    monkeypatch.setattr(allocator, "_done", None)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1000000")
+    assert allocator.tune_allocator() is False
 
 
 def test_global_average_pool_gradient_is_a_broadcast_view() -> None:

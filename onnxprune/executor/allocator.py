@@ -12,7 +12,9 @@ guide does with jemalloc or tcmalloc, without another library.
 Cost: freed memory up to :data:`TRIM_THRESHOLD` stays with the process instead of going
 back to the system. Nothing is done where the C library has no ``mallopt`` (not glibc),
 or when the environment sets ``ONNXPRUNE_MALLOPT=0`` or glibc's own ``MALLOC_MMAP_THRESHOLD_``
-/ ``MALLOC_TRIM_THRESHOLD_`` (the user's choice wins).
+/ ``MALLOC_TRIM_THRESHOLD_`` / ``GLIBC_TUNABLES=glibc.malloc.*`` (the user's choice wins). The
+setting is process-wide: a long-running host that embeds onnxprune and wants freed memory
+returned promptly sets ``ONNXPRUNE_MALLOPT=0``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def tune_allocator() -> bool:
         return _done
     _done = False
     if not sys.platform.startswith("linux") or os.environ.get("ONNXPRUNE_MALLOPT", "1") == "0" \
-            or "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+            or "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ \
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return _done
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
