@@ -30,7 +30,7 @@ from onnxprune.analysis import Analysis
 from onnxprune.distributed import current, fault_point
 from onnxprune.holdout import HeldOutMetric, Split, split_holdout
 from onnxprune.planning import ROUND_TO_AUTO, PlanOptions, Target, TargetKind
-from onnxprune.runtime.latency import measure_interleaved, measure_latency
+from onnxprune.runtime.latency import measure_interleaved, measure_latency, reference_session
 from onnxprune.runtime.latency_search import search_latency
 from onnxprune.schedule import (PROBE_ROUND_TO, Milestone, State, StepRecord, StepSetup, auto_steps, guard_milestones,
                                 initial_state, milestones, probe_round_to, run_step)
@@ -80,6 +80,7 @@ class ProgressiveRun:
         self.original_ms: float | None = None
         self.last_search = None
         self.probe = None  # the whole-cut round_to probe, when the run made one
+        self._compare = None  # the original's kept session (reference_session), while one is open
         self.measure = None
         latency_target = options.target is not None and options.target.kind is TargetKind.LATENCY
         if options.bench or latency_target:
@@ -93,12 +94,30 @@ class ProgressiveRun:
     def _measure(self, model: onnx.ModelProto) -> float:
         """Median latency (ms) of ``model``; once the original's is known, timed interleaved
         with the original and scaled to the original's first figure, so that every cut is
-        compared with the original under the same load (never-slower, the round_to probe)."""
+        compared with the original under the same load (never-slower, the round_to probe).
+        Inside :meth:`_kept_reference` the original's session is reused."""
         kw = self._bench_kw
         if self.original_ms is None:
             return measure_latency(model, self.prep.input_shapes, **kw).median_ms
-        orig, cut = measure_interleaved([self.prep.model, model], self.prep.input_shapes, **kw)
+        if self._compare is not None:
+            orig, cut = self._compare(model)
+        else:
+            orig, cut = measure_interleaved([self.prep.model, model], self.prep.input_shapes, **kw)
         return cut.median_ms * self.original_ms / max(orig.median_ms, 1e-12)
+
+    @contextmanager
+    def _kept_reference(self):
+        """The original's warmed session kept open for a series of measurements (rank 0
+        alone measures; other ranks and runs without measurement keep nothing)."""
+        if self.measure is None or not current().is_main:
+            yield
+            return
+        with reference_session(self.prep.model, self.prep.input_shapes, **self._bench_kw) as compare:
+            self._compare = compare
+            try:
+                yield
+            finally:
+                self._compare = None
 
     # ---- the pieces of a step ---------------------------------------------------------
     def _score(self, model: onnx.ModelProto, analysis: Analysis):
@@ -164,7 +183,7 @@ class ProgressiveRun:
             from onnxprune.criteria import get_criterion
             from onnxprune.pipeline import weights_of
 
-            with timed(self.times, "round_to_probe"):
+            with timed(self.times, "round_to_probe"), self._kept_reference():
                 l1 = get_criterion("l1")
                 self.probe = probe_round_to(prep.model, prep.analysis, o.target, plan_opts,
                                             l1.score(prep.analysis, weights_of(prep.model)), self.measure,

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.runtime.latency import LatencyStats, measure_interleaved, measure_latency, speedup
+from onnxprune.runtime.latency import LatencyStats, measure_interleaved, measure_latency, reference_session, speedup
 from onnxprune.errors import ModelLoadError, OnnxPruneError
 
 
@@ -77,6 +77,33 @@ def test_measure_interleaved_alternates_the_models_runs(monkeypatch, tmp_path):
         measure_interleaved([], {"x": (1, 3, 16, 16)})
     with pytest.raises(OnnxPruneError, match="repeat"):
         measure_interleaved([a], {"x": (1, 3, 16, 16)}, repeat=0)
+
+
+def test_reference_session_is_built_once_and_compared_interleaved(monkeypatch):
+    import onnxprune.runtime.latency as latency
+
+    built, order = [], []
+    real_open, real_run = latency._Timed._open, latency._Timed.timed_run
+
+    def opening(self):
+        built.append(self.model.graph.name)
+        return real_open(self)
+
+    def running(self):
+        order.append(self.model.graph.name)
+        return real_run(self)
+
+    monkeypatch.setattr(latency._Timed, "_open", opening)
+    monkeypatch.setattr(latency._Timed, "timed_run", running)
+    ref, a, b = classifier(8), classifier(16, seed=1), classifier(4, seed=2)
+    ref.graph.name, a.graph.name, b.graph.name = "ref", "a", "b"
+    with reference_session(ref, {"x": (1, 3, 16, 16)}, warmup=1, repeat=4, threads=1) as compare:
+        ra, sa = compare(a)
+        rb, sb = compare(b)
+    assert built == ["ref", "a", "b"]  # the reference's session is built once
+    assert order == ["ref", "a"] * 4 + ["ref", "b"] * 4
+    for st in (ra, sa, rb, sb):
+        assert_consistent(st, 4)  # each comparison times the reference anew
 
 
 def test_measure_latency_default_threads_is_none():

@@ -28,7 +28,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +41,7 @@ from onnxprune.inputs import graph_inputs, make_inputs, resolve_input_shapes
 from onnxprune.runtime.verify import Provider, ort_message, check_providers, make_session, model_source
 
 __all__ = ["PROVIDER_NAMES", "LatencyStats", "available_providers", "batch_shapes", "measure_interleaved",
-           "measure_latency", "resolve_provider", "speedup"]
+           "measure_latency", "reference_session", "resolve_provider", "speedup"]
 
 #: Short provider names accepted on the command line -> onnxruntime names, in bench order.
 PROVIDER_NAMES: dict[str, str] = {
@@ -305,6 +305,34 @@ def measure_latency(
         for _ in range(repeat):
             t.timed_run()
         return t.stats()
+
+
+@contextlib.contextmanager
+def reference_session(model: onnx.ModelProto | str | Path, input_shapes: Mapping[str, tuple[int, ...]], *,
+                      providers: Sequence[Provider] = ("CPUExecutionProvider",), warmup: int = 5,
+                      repeat: int = 30, threads: int | None = None,
+                      seed: int = 0) -> Iterator[Callable[[onnx.ModelProto], tuple[LatencyStats, LatencyStats]]]:
+    """A warmed onnxruntime session of ``model`` kept open for a series of comparisons.
+
+    Yields ``compare(other) -> (reference stats, other stats)``: ``other`` timed
+    interleaved with the kept session (as :func:`measure_interleaved`), without building
+    and warming the reference again for every comparison (the round_to probe compares
+    five cuts with the original). The session is closed when the block ends.
+
+    Raises:
+        As :func:`measure_latency`.
+    """
+    _check_args(repeat, warmup, threads, providers)
+    with _Timed(model, input_shapes, providers, warmup, threads, seed, False, lambda: None) as ref:
+        def compare(other: onnx.ModelProto) -> tuple[LatencyStats, LatencyStats]:
+            ref.times.clear()
+            with _Timed(other, input_shapes, providers, warmup, threads, seed, False, lambda: None) as t:
+                for _ in range(repeat):
+                    ref.timed_run()
+                    t.timed_run()
+                return ref.stats(), t.stats()
+
+        yield compare
 
 
 def measure_interleaved(
