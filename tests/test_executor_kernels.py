@@ -191,3 +191,16 @@ def test_global_average_pool_gradient_is_a_broadcast_view() -> None:
     assert torch.autograd.gradgradcheck(_global_mean, (x,))
     with torch.no_grad():
         assert torch.equal(_global_mean(x), x.mean((2, 3), keepdim=True))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_empty_batch_runs_like_torch(k: int) -> None:
+    """A batch of 0 samples: the same (empty) output and zero gradients as F.conv2d."""
+    from onnxprune.ops._conv2d import conv2d
+
+    x = torch.zeros(0, 4, 8, 8, requires_grad=True)
+    w = torch.randn(6, 4, k, k, requires_grad=True)
+    y = conv2d(x, w, None, [1, 1], [k // 2, k // 2], [1, 1], 1, channels_last=True)
+    assert y.shape == torch.nn.functional.conv2d(x, w, None, 1, k // 2).shape
+    y.sum().backward()
+    assert w.grad is not None and float(w.grad.abs().sum()) == 0.0

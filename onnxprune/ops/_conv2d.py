@@ -44,11 +44,19 @@ def conv2d(x, w, b, stride: list[int], padding: list[int], dilation: list[int], 
            channels_last: bool = False, im2col: bool = False):
     """``F.conv2d(x, w, b, stride, padding, dilation, groups)``, faster on the CPU (module doc).
 
-    ``channels_last``: the executor runs in that layout (a one-channel input then runs as
-    two channels, see :func:`_two_channels`); ``im2col``: torch's im2col kernel can run it
-    (no groups or dilation).
+    Args:
+        x: input [N, C, H, W]; w: weight [O, C / groups, kh, kw]; b: bias [O] or None. The
+            fast paths take float32 CPU tensors; anything else (other dtypes or devices, an
+            empty tensor) runs ``F.conv2d`` itself.
+        channels_last: the executor runs in that layout (a one-channel input then runs as
+            two channels, see :func:`_two_channels`).
+        im2col: torch's im2col kernel can run it (no groups or dilation).
+
+    Returns:
+        The output [N, O, H', W'], as ``F.conv2d``.
     """
-    if x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or x.dim() != 4:
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or x.dim() != 4
+            or x.numel() == 0 or w.numel() == 0):
         return F.conv2d(x, w, b, stride, padding, dilation, groups)
     if x.shape[1] == 1 and groups == 1:
         if channels_last and w.shape[0] >= 8 and torch.backends.mkldnn.is_available():

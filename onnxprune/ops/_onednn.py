@@ -41,7 +41,8 @@ def available() -> bool:
 
 
 def _fits(*ts) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 2 for t in ts) and available()
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 2 and t.numel() > 0
+               for t in ts) and available()
 
 
 def _linear_raw(x, w, b):
