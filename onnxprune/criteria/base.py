@@ -49,6 +49,19 @@ class Criterion(Protocol):
 REDUCE_CHUNK_ELEMENTS = 1 << 23
 
 
+def _member_arrays(group: ChannelGroup, weights: Mapping[str, np.ndarray], roles: Iterable[Role]):
+    """(member, its weight as an array, restricted to the member's rows) for the members of
+    ``group`` whose role is in ``roles``."""
+    roles = set(roles)
+    for m in group.members:
+        if m.role not in roles:
+            continue
+        w = np.asarray(weights[m.tensor])
+        if m.rows is not None:
+            w = w[m.rows[0]:m.rows[1]]
+        yield m, w
+
+
 def member_reduce(group: ChannelGroup, weights: Mapping[str, np.ndarray], roles: Iterable[Role],
                   fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """Sum over members with a role in ``roles`` of ``fn`` of each channel's slice.
@@ -65,14 +78,8 @@ def member_reduce(group: ChannelGroup, weights: Mapping[str, np.ndarray], roles:
     Returns:
         float64 [group.size]; channels no member touches get 0.
     """
-    roles = set(roles)
     out = np.zeros(group.size, dtype=np.float64)
-    for m in group.members:
-        if m.role not in roles:
-            continue
-        w = np.asarray(weights[m.tensor])
-        if m.rows is not None:
-            w = w[m.rows[0]:m.rows[1]]
+    for m, w in _member_arrays(group, weights, roles):
         w = np.moveaxis(w, m.axis, 0)  # a view
         per = max(1, w[0].size if w.shape[0] else 1)
         step = max(1, REDUCE_CHUNK_ELEMENTS // per)
@@ -99,14 +106,8 @@ def member_sum(group: ChannelGroup, weights: Mapping[str, np.ndarray], roles: It
         elementwise: applied in place to a float64 block (``np.abs``, ``np.square``):
             called as ``elementwise(block, out=block)``.
     """
-    roles = set(roles)
     out = np.zeros(group.size, dtype=np.float64)
-    for m in group.members:
-        if m.role not in roles:
-            continue
-        w = np.asarray(weights[m.tensor])
-        if m.rows is not None:
-            w = w[m.rows[0]:m.rows[1]]
+    for m, w in _member_arrays(group, weights, roles):
         if w.ndim == 0:
             w = w.reshape(1)
         acc = np.zeros(w.shape[m.axis], dtype=np.float64)
