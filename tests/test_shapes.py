@@ -152,7 +152,8 @@ def test_static_shapes_equal_onnxruntime_on_real_models(name: str) -> None:
     if path is None:
         pytest.skip(f"real model {name!r} is not fetched: run `python tools/fetch_assets.py`")
     model = canonicalize(load_model(path)).model
-    _probe_and_static(model, resolve_input_shapes(model, None))
+    probed, got, _ = _probe_and_static(model, resolve_input_shapes(model, None))
+    assert got and all(got[k] == probed[k] for k in got)  # (also asserted inside, tensor by tensor)
 
 
 def test_static_shapes_need_every_read_tensor() -> None:
