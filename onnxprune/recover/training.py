@@ -413,8 +413,7 @@ def finetune(student: onnx.ModelProto, data: CalibrationData, *, teacher: onnx.M
     model = net  # what a training step runs: net, or DDP around it
     if ctx.world > 1:
         def probe() -> torch.Tensor:  # one sample's loss, the same on every rank, no collective
-            f = next(iter(fetch_batches(data, [BatchRequest(np.arange(1), None)])))
-            x, y, ref = inputs(f)
+            x, y, ref = inputs(first_good())
             return _loss(loss_fn, forward_fixed(net, x, fixed), y, ref, options.temperature)
 
         model = _data_parallel(net, device, params, probe)
