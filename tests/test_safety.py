@@ -162,3 +162,23 @@ def test_oracle_masks_take_the_tensor_dtype() -> None:
     ref = zeroed_reference(prep.model, prep.analysis, {g.id: np.array([0])})
     masks = [t for t in ref.graph.initializer if t.name.startswith("__oracle_mask")]
     assert masks and all(t.data_type == onnx.TensorProto.FLOAT16 for t in masks)
+
+
+def test_openmp_spinning_is_bounded_unless_the_user_chose():
+    from onnxprune.entry import GOMP_SPINCOUNT, tune_openmp
+
+    env: dict = {}
+    assert tune_openmp(env) is True and env == {"GOMP_SPINCOUNT": GOMP_SPINCOUNT}
+    for mine in ({"GOMP_SPINCOUNT": "300000"}, {"OMP_WAIT_POLICY": "ACTIVE"}):
+        env = dict(mine)
+        assert tune_openmp(env) is False and env == mine  # the user's setting is kept
+
+
+def test_the_program_sets_it_before_torch_loads(tmp_path):
+    """`python -m onnxprune` exports the bound before torch is imported (what libgomp reads)."""
+    probe = ("import os, sys, onnxprune.entry as e; import onnxprune.cli as c; "
+             "c.main = lambda **k: print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules); e.main()")
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["10000", "False"]  # set, and torch not loaded yet
