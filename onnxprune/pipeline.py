@@ -253,11 +253,29 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike | Non
     else:
         pruned = restore_storage_dtypes(state.model, prep.original)
     ctx = current()
+    _gather_bad_samples(ctx, options.data, options.val_data)
     if not ctx.is_main:  # rank 0 verifies, benchmarks and writes
         ctx.barrier()
         return CompressResult(pruned, final_plan, a, None, None)
     return _finish(prep, options, run, state, records, warnings, last_search, final_plan, reachable, pruned,
                    split, sweep, times, input_path, out_path, ctx)
+
+
+def _gather_bad_samples(ctx: DistContext, *datas: CalibrationData | None) -> None:
+    """Every rank's bad samples into each source's log (a collective: every rank calls it),
+    so that rank 0's report counts them all; nothing at world 1."""
+    if ctx.world == 1:
+        return
+    logs: list = []  # in the order given: the same on every rank
+    for d in datas:
+        if d is not None and all(d.bad is not b for b in logs):
+            logs.append(d.bad)
+    for bad in logs:
+        mine = (bad.keys, list(bad.names))
+        for r in range(ctx.world):
+            keys, names = ctx.broadcast(mine if ctx.rank == r else None, src=r)
+            if r != ctx.rank:
+                bad.merge(keys, names)
 
 
 def _finish(prep: Prepared, options: CompressOptions, run: ProgressiveRun, state, records, warnings, last_search,

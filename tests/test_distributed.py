@@ -293,3 +293,24 @@ def test_eval_under_torchrun_reports_once(tmp_path):
     one = _run([sys.executable, "-m", "onnxprune", "eval", MODEL, "--data", SAMPLES, "--samples", "64"], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     assert res.stdout.count("accuracy") == one.stdout.count("accuracy")  # not once per rank
+
+
+def test_the_report_counts_the_bad_samples_of_every_rank(tmp_path):
+    """Bad rows met by either rank are counted in rank 0's report, as one process counts them."""
+    x = np.load(SAMPLES)["x"][:128].astype(np.float32)
+    bad_rows = [3, 40, 77, 101]  # in batches 0 and 2 (rank 0) and 1 and 3 (rank 1) of 32
+    x[bad_rows] = np.nan
+    np.save(tmp_path / "bad.npy", x)
+    args = [MODEL, "--data", tmp_path / "bad.npy", "--criterion", "taylor", "--steps", "1", "--no-recover",
+            "--no-bench", "--val-split", "0", "--target-macs", "0.7", "--round-to", "1", "--batch-size", "32"]
+    reports = []
+    for name, launch in (("one", [sys.executable]), ("two", LAUNCH)):
+        d = tmp_path / name
+        d.mkdir()
+        cmd = launch + ["-m", "onnxprune", "compress"] + args + ["-o", d / "p.onnx", "--report", d / "r.json"]
+        res = _run(cmd, tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        reports.append(json.loads((d / "r.json").read_text()))
+    lines = [[w for w in r["warnings"] if "bad sample(s) skipped" in w] for r in reports]
+    assert len(lines[0]) == 1 and "4 bad sample(s)" in lines[0][0]
+    assert lines[1] and "4 bad sample(s)" in lines[1][0]

@@ -108,6 +108,11 @@ class BadSamples:
     def count(self) -> int:
         return len(self._seen)
 
+    @property
+    def keys(self) -> list[int]:
+        """Source indices of the bad samples seen, sorted."""
+        return sorted(self._seen)
+
     def record(self, key: int, name: str, reason: str) -> None:
         """Note bad sample ``key`` (its source index); warns for the first :attr:`SHOW`.
 
@@ -124,6 +129,14 @@ class BadSamples:
             self.names.append(name)
             more = "; further bad samples are counted, not named" if len(self.names) == self.SHOW else ""
             warn(f"{name}: {reason}; skipped{more}")
+
+    def merge(self, keys, names) -> None:
+        """Add another process's bad samples (their source indices and first names), without
+        warning again: the report of a multi-process run counts every rank's."""
+        self._seen.update(int(k) for k in keys)
+        for name in names:
+            if len(self.names) < self.SHOW and name not in self.names:
+                self.names.append(name)
 
     def summary(self) -> str | None:
         """One line for the report (None when every sample read was good)."""
