@@ -93,14 +93,19 @@ def test_each_step_passes_the_oracle_against_its_parent_and_the_plans_compose(na
     assert plan.macs_after == state.macs
 
 
+def _conv_out_channels(m: onnx.ModelProto) -> list[int]:
+    """Output channels of every 4-D Conv weight (the tiny models name them ``*.weight``)."""
+    return [onnx.numpy_helper.to_array(i).shape[0] for i in m.graph.initializer
+            if i.name.endswith(".weight") and len(i.dims) == 4]
+
+
 def test_a_cut_that_is_not_faster_is_replanned_coarser():
     model = build_residual(seed=0)
     seen = []
 
     def fake_ms(m: onnx.ModelProto) -> float:
         """Slower than the original (1 ms) unless every conv's output channels are a multiple of 4."""
-        counts = [onnx.numpy_helper.to_array(i).shape[0] for i in m.graph.initializer
-                  if i.name.endswith(".weight") and len(i.dims) == 4]
+        counts = _conv_out_channels(m)
         seen.append(counts)
         return 0.5 if all(c % 4 == 0 for c in counts) else 1.2
 
@@ -114,11 +119,6 @@ def test_a_cut_that_is_not_faster_is_replanned_coarser():
     seen.clear()
     _, rec, rt = run_step(1, Milestone(TargetKind.MACS, 0.6), state, fixed, 1)
     assert rt == 1 and len(seen) == 1  # the user's round_to is kept
-
-
-def _conv_out_channels(m: onnx.ModelProto) -> list[int]:
-    return [onnx.numpy_helper.to_array(i).shape[0] for i in m.graph.initializer
-            if i.name.endswith(".weight") and len(i.dims) == 4]
 
 
 @pytest.mark.parametrize("fast_multiple,expected", [(4, 4), (2, 2), (None, 1)])
